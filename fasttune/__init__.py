@@ -1,0 +1,2 @@
+"""fasttune: kernel-accelerated post-training."""
+__version__ = "0.1.0"

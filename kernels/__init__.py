@@ -1,0 +1,10 @@
+"""fasttune.kernels: Triton kernels for post-training, importable without the trainer.
+
+Depends on torch and triton only: importing it never imports transformers, peft or bitsandbytes.
+Tensors on CUDA take the Triton path; tensors on the CPU a chunked PyTorch path with the same
+memory bound. FASTTUNE_BACKEND=triton|torch (or backend=...) forces one.
+"""
+
+from .cross_entropy import CEStats, cross_entropy, fused_linear_cross_entropy
+
+__all__ = ["CEStats", "cross_entropy", "fused_linear_cross_entropy"]

@@ -1,0 +1,83 @@
+"""Shared plumbing for the kernels: which path runs, output buffers, chunk sizes.
+
+- Backend: tensors on CUDA take the Triton path, tensors on the CPU the PyTorch path.
+  `FASTTUNE_BACKEND=triton|torch` or a `backend=` argument forces one. On the CPU the Triton
+  path runs under Triton's interpreter, which needs `TRITON_INTERPRET=1` set before triton
+  is imported (tests/conftest.py does that).
+- Triton is optional at import time (it is a Linux-only dependency): without it, the kernels'
+  `@triton.jit` functions are defined against a stand-in and only the torch path can run.
+- `FASTTUNE_NAN_FILL=1` makes `empty()` fill new output buffers with NaN, so a row a kernel
+  forgot to write shows up in the tests instead of passing with stale memory.
+"""
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - platforms without triton
+    HAS_TRITON = False
+
+    class _Stub:
+        constexpr = object
+
+        @staticmethod
+        def jit(fn=None, **kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = tl = _Stub()
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pick_backend(backend: str | None, device: torch.device) -> str:
+    """Resolve `backend` (argument, then FASTTUNE_BACKEND, then the device) to "triton" or "torch"."""
+    choice = backend or os.environ.get("FASTTUNE_BACKEND") or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r} (check FASTTUNE_BACKEND)")
+    if choice == "auto":
+        choice = "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+    if choice == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+        if device.type != "cuda" and not interpreting():
+            raise RuntimeError(
+                "backend='triton' on a CPU tensor needs Triton's interpreter: set TRITON_INTERPRET=1 "
+                "before triton is imported, or use backend='torch'"
+            )
+    return choice
+
+
+def empty(*shape, dtype, device) -> torch.Tensor:
+    """An output buffer; NaN-filled when FASTTUNE_NAN_FILL=1 so unwritten rows are caught by tests."""
+    if os.environ.get("FASTTUNE_NAN_FILL") == "1" and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# Bytes of logits one chunk may hold. The chunk's rows are this budget divided by the row size.
+# On the GPU the chunk lives in the input dtype and the Triton kernel keeps its fp32 maths in
+# registers; on the CPU the torch path needs about three fp32 copies of the chunk.
+DEFAULT_CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 48 * 2**20}
+
+
+def chunk_rows(vocab: int, device: torch.device, dtype: torch.dtype, chunk_size: int | None) -> int:
+    """Rows per chunk: `chunk_size` if given, else FASTTUNE_CHUNK_BYTES (or the default) / row bytes."""
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+        return int(chunk_size)
+    budget = int(os.environ.get("FASTTUNE_CHUNK_BYTES", 0)) or DEFAULT_CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES["cuda"])
+    row_bytes = vocab * (torch.finfo(dtype).bits // 8 if device.type == "cuda" else 12)
+    rows = max(1, budget // row_bytes)
+    if rows >= 128:  # whole tiles for the matmuls
+        rows -= rows % 64
+    return rows

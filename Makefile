@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 # Hugging Face's `kernels` package, which bitsandbytes and transformers import by that name.
 export PYTHONSAFEPATH := 1
 
-.PHONY: setup test bench clean
+.PHONY: setup test bench gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,15 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/pytest bench
+
+# Peers for the lent GPU machine (Python 3.12, no network there): fetched here into .whl/,
+# carried with the call, installed by bench/gpu_check.sh.
+GPU_WHEELS ?= liger-kernel==0.8.5 cut-cross-entropy==25.1.1 bitsandbytes==0.50.2
+gpu-wheels:
+	mkdir -p .whl
+	for w in $(GPU_WHEELS); do python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform any -d .whl $$w || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -178,15 +178,19 @@ def _rows_torch(logits, grad, labels, weights, eps, z_loss, softcap):
     trained = weights != 0
     y = torch.where(trained & (labels >= 0) & (labels < V), labels, 0).unsqueeze(1)
     z_y = z.gather(1, y).squeeze(1)
+    z_sum = z.sum(1) if eps else None
     m = z.amax(1)
-    e = (z - m.unsqueeze(1)).exp_()
+    # Work in place when the chunk is fp32 scratch we may overwrite (the common case): one chunk
+    # of memory instead of three. With a softcap, z is still needed for the chain rule.
+    in_place = grad is not None and z is grad and softcap is None
+    e = (z.sub_(m.unsqueeze(1)) if in_place else z - m.unsqueeze(1)).exp_()
     e.scatter_(1, y, 0.0)
     d_other = e.sum(1)
     e_y = (z_y - m).exp()
     total = d_other + e_y
     lse = m + total.log()
     nll = torch.where(m - z_y < 1.0, torch.log1p(d_other * (m - z_y).exp()), lse - z_y)
-    loss = (1 - eps) * nll + eps * (lse - z.sum(1) / V) + z_loss * lse * lse
+    loss = (1 - eps) * nll + (eps * (lse - z_sum / V) if eps else 0) + z_loss * lse * lse
     zero = torch.zeros((), device=z.device)
     loss = torch.where(trained, weights * loss, zero)
     lse = torch.where(trained, lse, zero)
@@ -201,7 +205,8 @@ def _rows_torch(logits, grad, labels, weights, eps, z_loss, softcap):
         if softcap is not None:
             g.mul_(1 - (z / softcap) ** 2)
         g.mul_(torch.where(trained, weights, zero).unsqueeze(1))
-        grad.copy_(g)
+        if g is not grad:
+            grad.copy_(g)
     return loss, lse, correct
 
 
@@ -235,20 +240,25 @@ def _linear_ce_chunks(h, w, b, labels, weights, opts, need_gh, need_gw, need_gb)
     gw = torch.zeros(w.shape, dtype=torch.float32, device=dev) if need_gw else None
     gb = torch.zeros(V, dtype=torch.float32, device=dev) if need_gb else None
 
-    if dev.type == "cpu":  # compact trained rows; free of a sync here
-        rows = weights.nonzero().squeeze(1)
-        hs, ys, ws = h[rows], labels[rows], weights[rows]
-    else:
-        rows, hs, ys, ws = None, h, labels, weights
+    rows, hs, ys, ws = None, h, labels, weights
+    if dev.type == "cpu":  # compact the trained rows; on the CPU this costs no sync
+        trained = weights.nonzero().squeeze(1)
+        if trained.numel() < N:
+            rows, hs, ys, ws = trained, h[trained], labels[trained], weights[trained]
     n = hs.shape[0]
     loss = empty(n, dtype=torch.float32, device=dev)
     lse = empty(n, dtype=torch.float32, device=dev)
     correct = empty(n, dtype=torch.float32, device=dev)
 
+    buf = torch.empty(min(chunk, n), V, dtype=h.dtype, device=dev)  # one chunk of logits, reused
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         hc = hs[s:e]
-        logits = hc @ w.t() if b is None else torch.addmm(b, hc, w.t())
+        logits = buf[: e - s]
+        if b is None:
+            torch.mm(hc, w.t(), out=logits)
+        else:
+            torch.addmm(b, hc, w.t(), out=logits)
         out = _rows(backend, logits, logits if need_grad else None, ys[s:e], ws[s:e], eps, z_loss, softcap)
         loss[s:e], lse[s:e], correct[s:e] = out
         if need_gh:
@@ -332,9 +342,11 @@ class _LinearCE(torch.autograd.Function):
         else:
             gh, gw, gb, n = ctx.saved_tensors
             s = _scale(grad_loss.float(), n)
-            gh = gh * s.to(gh.dtype) if need_gh else None
-            gw = gw * s if need_gw else None
-            gb = gb * s if need_gb else None
+            # In place: these buffers are ours. A second backward through the same graph is
+            # caught by autograd's saved-tensor version check instead of scaling twice.
+            gh = gh.mul_(s.to(gh.dtype)) if need_gh else None
+            gw = gw.mul_(s) if need_gw else None
+            gb = gb.mul_(s) if need_gb else None
         return (
             None if gh is None else gh.to(h_dtype),
             None if gw is None else gw.to(w_dtype),

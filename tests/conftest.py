@@ -27,6 +27,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+if torch.cuda.is_available():
+    # On a GPU machine every test's tensors are made on CUDA, so the whole suite exercises the
+    # compiled Triton kernels (and the torch path on CUDA), not only the gpu-marked tests.
+    torch.set_default_device("cuda")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

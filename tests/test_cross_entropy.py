@@ -289,9 +289,10 @@ def test_bad_input_is_a_clear_error():
         fused_linear_cross_entropy(h, w[:, :5], y)
     with pytest.raises(TypeError, match="bfloat16"):
         fused_linear_cross_entropy(h, w.detach().bfloat16(), y)
-    bad = y.clone()
-    bad[3] = 203
-    with pytest.raises(ValueError, match="label 203 at token 3"):
-        fused_linear_cross_entropy(h, w, bad)
+    if h.device.type == "cpu":  # checked where it costs no host sync
+        bad = y.clone()
+        bad[3] = 203
+        with pytest.raises(ValueError, match="label 203 at token 3"):
+            fused_linear_cross_entropy(h, w, bad)
     with pytest.raises(ValueError, match="backend"):
         fused_linear_cross_entropy(h, w, y, backend="cuda")

@@ -1,0 +1,165 @@
+"""The benchmark harness: one way to time, measure memory and record every case.
+
+A case is a kernel (or workload) at one shape and dtype, run by one provider (fasttune, the naive
+PyTorch way, or a peer). Time comes from pytest-benchmark in the test process (median of
+rounds after a warm-up). Peak memory comes from a fresh subprocess (`bench/probe.py`) that runs
+the case once to warm up, then once more measured:
+- CUDA: torch.cuda.max_memory_allocated() over the allocation before the run;
+- CPU:  the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) over its RSS before
+  the run, with glibc told to hand every block of 64 KiB or more back to the system, so the
+  number counts every allocation the case makes, torch's or not.
+Peers that are not installed, or do not run on this device, raise `Unavailable`: the case is
+skipped with the reason and recorded as skipped, never timed with a stand-in.
+"""
+
+import datetime
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+
+
+class Unavailable(Exception):
+    """A provider that cannot run here; the message says why."""
+
+
+@dataclass
+class Result:
+    kernel: str
+    shape: dict
+    dtype: str
+    provider: str
+    device: str
+    median_s: float | None = None
+    min_s: float | None = None
+    rounds: int = 0
+    peak_bytes: int | None = None
+    tokens_per_s: float | None = None
+    tflops: float | None = None
+    skipped: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} ({os.cpu_count()} cores)"
+
+
+def _version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def env_info() -> dict:
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+
+    packages = ["fasttune", "torch", "triton", "transformers", "peft", "bitsandbytes", "liger-kernel",
+                "cut-cross-entropy", "flash-attn"]
+    return {
+        "device": device_name(),
+        "date": datetime.date.today().isoformat(),
+        "commit": git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--", "kernels", "fasttune") else ""),
+        "python": platform.python_version(),
+        "versions": {p: v for p in packages if (v := _version(p))},
+        "cuda": torch.version.cuda,
+    }
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+_memory_cache: dict = {}
+
+
+def peak_memory(kernel: str, provider: str, shape: dict, dtype: str) -> int:
+    """Peak bytes one forward + backward of the case allocates, measured in a fresh process."""
+    key = (kernel, provider, json.dumps(shape, sort_keys=True), dtype)
+    if key not in _memory_cache:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", PYTHONSAFEPATH="1")
+        out = subprocess.run(
+            [sys.executable, str(BENCH / "probe.py"), kernel, provider, json.dumps(shape), dtype],
+            capture_output=True, text=True, env=env, cwd=BENCH,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"memory probe for {kernel}/{provider} failed:\n{out.stderr[-3000:]}")
+        _memory_cache[key] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    return _memory_cache[key]
+
+
+def results_path() -> Path:
+    slug = "".join(c if c.isalnum() else "-" for c in device_name().lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return RESULTS / f"{env_info()['date']}-{slug[:60]}.json"
+
+
+def save(results: list[Result], path: Path | None = None) -> Path:
+    """Merge these results into the device's file for today (same case and provider replaced)."""
+    path = path or results_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(path.read_text())["results"] if path.exists() else []
+    new = [asdict(r) for r in results]
+    keys = {(r["kernel"], json.dumps(r["shape"], sort_keys=True), r["dtype"], r["provider"]) for r in new}
+    kept = [r for r in old if (r["kernel"], json.dumps(r["shape"], sort_keys=True), r["dtype"], r["provider"]) not in keys]
+    path.write_text(json.dumps({"env": env_info(), "results": kept + new}, indent=1) + "\n")
+    return path
+
+
+def bench_case(benchmark, recorder, kernel, provider, shape, dtype, *, tokens, flops, rounds=None):
+    """Time one case with pytest-benchmark, measure its memory, record both. Skips if unavailable."""
+    import pytest
+
+    from cases import make_case
+
+    res = Result(kernel, shape, dtype, provider, env_info()["device"])
+    try:
+        run = make_case(kernel, provider, shape, dtype)
+    except Unavailable as e:
+        res.skipped = str(e)
+        recorder.append(res)
+        pytest.skip(str(e))
+    rounds = rounds or int(os.environ.get("BENCH_ROUNDS", 3))
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
+    del run
+    stats = benchmark.stats.stats
+    res.median_s, res.min_s, res.rounds = stats.median, stats.min, rounds
+    res.tokens_per_s = tokens / stats.median
+    res.tflops = flops / stats.median / 1e12
+    res.peak_bytes = peak_memory(kernel, provider, shape, dtype)
+    benchmark.extra_info.update(peak_bytes=res.peak_bytes, tokens_per_s=res.tokens_per_s, tflops=res.tflops)
+    recorder.append(res)
+    return res

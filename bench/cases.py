@@ -90,7 +90,115 @@ def _flce_case(provider, shape, dtype):
     return run
 
 
-CASES = {"fused_linear_cross_entropy": _flce_case}
+# ---- DPO and GRPO: the policy's log-probs through a frozen head (LoRA), hidden states trained ----
+
+
+def _head_inputs(B, T, shape, dtype, g):
+    H, V = shape["H"], shape["V"]
+    h = torch.randn(B, T, H, generator=g).to(device=device(), dtype=dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=g) / H**0.5).to(device=device(), dtype=dtype)  # frozen, as with LoRA
+    return h, w
+
+
+def _naive_logps(h, w, labels, temperature=1.0):
+    """What TRL does: full logits in fp32, log_softmax, gather."""
+    logits = (h @ w.t()).float() / temperature
+    logp = torch.log_softmax(logits, -1)
+    return logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
+
+
+def _dpo_case(provider, shape, dtype):
+    """B pairs of T tokens, the first half of each sequence prompt; reference log-probs given."""
+    g = torch.Generator().manual_seed(0)
+    B, T, V = shape["B"], shape["T"], shape["V"]
+    h, w = _head_inputs(2 * B, T, shape, DTYPES[dtype], g)
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    labels[:, : T // 2] = -100
+    ref = (torch.randn(2 * B, generator=g) - 2 * T).to(device())
+    if provider == "fasttune":
+        from fasttune.kernels import dpo_loss
+
+        def loss_fn():
+            return dpo_loss(h, w, labels, ref_logps=ref, beta=0.1)[0]  # labels stay on the host
+    elif provider == "naive":
+        labels_d = labels.to(device())
+
+        def loss_fn():
+            seq = _naive_logps(h, w, labels_d).sum(-1)
+            r = seq - ref
+            return -F.logsigmoid(0.1 * ((r[:B]) - r[B:])).mean()
+    elif provider == "liger":
+        _cuda_only("Liger-Kernel")
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+        except ImportError as e:
+            raise Unavailable(f"liger-kernel not installed ({e})")
+        liger = LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=False)  # reference-free: same work
+        labels_d = labels.to(device())
+
+        def loss_fn():
+            out = liger(w, h.reshape(-1, h.shape[-1]).view(2 * B, T, -1), labels_d)
+            return out[0] if isinstance(out, tuple) else out
+    else:
+        raise Unavailable(f"no provider {provider!r} for dpo_loss")
+    return _loss_runner(loss_fn, h)
+
+
+def _grpo_case(provider, shape, dtype):
+    """G completions of T tokens, old and reference log-probs given, beta = 0.04, dapo."""
+    g = torch.Generator().manual_seed(0)
+    G, T, V = shape["G"], shape["T"], shape["V"]
+    h, w = _head_inputs(G, T, shape, DTYPES[dtype], g)
+    ids = torch.randint(0, V, (G, T), generator=g)
+    mask = torch.ones(G, T, dtype=torch.bool)
+    mask[G // 2 :, T * 3 // 4 :] = False  # some completions end early
+    adv = torch.randn(G, generator=g).to(device())
+    old = (torch.randn(G, T, generator=g) * 0.05 - 10.0).to(device())
+    ref = (torch.randn(G, T, generator=g) * 0.05 - 10.0).to(device())
+    if provider == "fasttune":
+        from fasttune.kernels import grpo_loss
+
+        def loss_fn():
+            return grpo_loss(h, w, ids, mask, adv, old_logps=old, ref_logps=ref, beta=0.04)[0]
+    elif provider == "naive":
+        ids_d, m = ids.to(device()), mask.to(device())
+
+        def loss_fn():
+            logp = _naive_logps(h, w, torch.where(m, ids_d, -100))
+            ratio = torch.exp(logp - old)
+            a = adv.unsqueeze(1)
+            per_tok = -torch.min(ratio * a, torch.clamp(ratio, 0.8, 1.2) * a)
+            d = ref - logp
+            per_tok = per_tok + 0.04 * (torch.exp(d) - d - 1)
+            return (per_tok * m).sum() / m.sum()
+    elif provider == "liger":
+        _cuda_only("Liger-Kernel")
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        except ImportError as e:
+            raise Unavailable(f"liger-kernel not installed ({e})")
+        liger = LigerFusedLinearGRPOLoss(beta=0.04)
+        ids_d, m = ids.to(device()), mask.to(device()).long()
+
+        def loss_fn():
+            out = liger(h, w, ids_d, m, adv, ref_per_token_logps=ref, old_per_token_logps=old)
+            return out[0] if isinstance(out, tuple) else out
+    else:
+        raise Unavailable(f"no provider {provider!r} for grpo_loss")
+    return _loss_runner(loss_fn, h)
+
+
+def _loss_runner(loss_fn, h):
+    def run():
+        loss_fn().backward()
+        h.grad = None
+        sync()
+
+    return run
+
+
+CASES = {"fused_linear_cross_entropy": _flce_case, "dpo_loss": _dpo_case, "grpo_loss": _grpo_case}
+PEERS = {"torch_chunked", "torch_compile", "liger", "cce"}
 
 
 def make_case(kernel, provider, shape, dtype):

@@ -6,5 +6,11 @@ memory bound. FASTTUNE_BACKEND=triton|torch (or backend=...) forces one.
 """
 
 from .cross_entropy import CEStats, cross_entropy, fused_linear_cross_entropy
+from .dpo import DPOStats, dpo_loss
+from .grpo import GRPOStats, grpo_loss
+from .logprobs import linear_logprobs
 
-__all__ = ["CEStats", "cross_entropy", "fused_linear_cross_entropy"]
+__all__ = [
+    "CEStats", "DPOStats", "GRPOStats",
+    "cross_entropy", "dpo_loss", "fused_linear_cross_entropy", "grpo_loss", "linear_logprobs",
+]

@@ -3,10 +3,12 @@
 `fused_linear_cross_entropy(hidden, weight, labels)` computes
     cross_entropy(hidden @ weight.T + bias, labels)
 for a causal LM's head without building the [N, V] logits: rows are taken a chunk at a time
-and a chunk's logits live only while that chunk is processed.
+and a chunk's logits live only while that chunk is processed. The same chunk loop is the
+engine of `linear_logprobs` (kernels/logprobs.py) and so of the DPO and GRPO losses.
 
-For one token with logits z (after the optional softcap z <- c·tanh(z/c)), label y and weight w
-(0 for ignore_index or loss_mask False, 1 or the float mask otherwise):
+For one token with logits z (after the optional softcap z <- c·tanh(z/c), then the temperature
+z <- z/T, which only `linear_logprobs` uses), label y and weight w (0 for ignore_index or
+loss_mask False, 1 or the float mask otherwise):
 
     lse    = log Σ_j exp(z_j)
     loss   = w · [ (1-ε)(lse - z_y) + ε(lse - Σ_j z_j / V) + ζ·lse² ]     ε = label_smoothing, ζ = z_loss
@@ -18,19 +20,22 @@ gradient keep their relative precision when the target's probability is close to
 How it runs:
 - One chunk loop serves both backends: logits = h_c @ W.T (+ b) in the input dtype (the matmul
   accumulates in fp32); a row function turns the chunk, in place, into dL/dlogits and writes
-  loss, lse and accuracy; then dh_c = g @ W and dW += g.T @ h_c into an fp32 accumulator.
+  loss, lse, accuracy (and entropy); then dh_c = g @ W and dW += g.T @ h_c into an fp32
+  accumulator.
 - The row function is a Triton kernel (one program per row, two passes over the vocabulary:
   an online max/sum, then the gradient) or the same maths in PyTorch on the chunk.
 - reduction mean/sum: the gradient only scales with the upstream scalar, so it is computed
   during the forward and the backward is a multiplication: 3 matmuls in all, as the naive way.
-  reduction none: the forward computes losses only and the backward recomputes each chunk's
-  logits with the per-token upstream gradient folded into w (4 matmuls).
-- On the CPU the trained tokens are gathered first, so masked tokens cost no matmul work. On
-  CUDA sizing the loop by the trained count would need a host sync, so masked rows go through
+- reduction none: the upstream gradient is per token and only known in the backward. With a
+  frozen head (LoRA) the forward also computes dh per token and the backward scales its rows
+  (2 matmuls); with a trainable head the backward recomputes each chunk's logits with the
+  per-token upstream folded into w (4 matmuls).
+- Masked tokens cost no matmul work when the mask is on the host: labels (and loss_mask) on the
+  CPU, which is always so for CPU tensors and is allowed with CUDA hidden states. With labels on
+  CUDA, sizing the loop by the trained count would need a host sync, so masked rows go through
   the matmuls and the kernel writes zeros for them.
 """
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -38,6 +43,17 @@ import torch
 from ._backend import chunk_rows, empty, pick_backend, tl, triton
 
 MAX_BLOCK_V = 4096  # vocabulary tile of the row kernel; tests lower it to cover many tiles
+
+
+class _Opts(NamedTuple):
+    backend: str  # "triton" | "torch"
+    chunk: int  # rows per chunk
+    eps: float = 0.0  # label smoothing
+    z_loss: float = 0.0
+    softcap: float | None = None
+    inv_temp: float = 1.0
+    entropy: bool = False  # also compute each token's entropy
+
 
 # --------------------------------------------------------------------------------------------
 # Triton
@@ -70,10 +86,11 @@ def _ce_rows_kernel(
     grad_ptr, grad_stride,  # [C, V] dL/dlogits out, logits dtype; may alias logits_ptr
     labels_ptr,  # [C] int64
     weights_ptr,  # [C] fp32 token weight; 0 = not trained
-    loss_ptr, lse_ptr, correct_ptr,  # [C] fp32 outputs
-    V, label_smoothing, z_loss, softcap,
+    loss_ptr, lse_ptr, correct_ptr, entropy_ptr,  # [C] fp32 outputs (entropy if COMPUTE_ENTROPY)
+    V, label_smoothing, z_loss, softcap, inv_temp,
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    COMPUTE_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -88,22 +105,30 @@ def _ce_rows_kernel(
         z_y = tl.load(logits_ptr + y, mask=y_in, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
             z_y = softcap * _tanh(z_y / softcap)
+        z_y = z_y * inv_temp
 
-        # Pass 1: running max m, Σ_{j≠y} exp(z_j - m) and Σ_j z_j.
+        # Pass 1: running max m, Σ_{j≠y} exp(z_j - m), Σ_j z_j and, for the entropy,
+        # Σ_{j≠y} exp(z_j - m)·z_j; the sums are rescaled whenever m grows.
         m = float("-inf")
         d_other = 0.0
         z_sum = 0.0
+        ez_other = 0.0
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             valid = offs < V
             z = tl.load(logits_ptr + offs, mask=valid, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
                 z = softcap * _tanh(z / softcap)
-            z_sum += tl.sum(tl.where(valid, z, 0.0), 0)
+            z = z * inv_temp
+            z_fin = tl.where(valid, z, 0.0)
+            z_sum += tl.sum(z_fin, 0)
             z = tl.where(valid, z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, 0))
             e = tl.where(offs == y, 0.0, tl.exp(z - m_new))
-            d_other = d_other * tl.exp(m - m_new) + tl.sum(e, 0)
+            scale = tl.exp(m - m_new)
+            d_other = d_other * scale + tl.sum(e, 0)
+            if COMPUTE_ENTROPY:
+                ez_other = ez_other * scale + tl.sum(e * z_fin, 0)
             m = m_new
 
         e_y = tl.exp(z_y - m)
@@ -116,10 +141,13 @@ def _ce_rows_kernel(
         tl.store(loss_ptr + row, w * loss)
         tl.store(lse_ptr + row, lse)
         tl.store(correct_ptr + row, (z_y >= m).to(tl.float32))
+        if COMPUTE_ENTROPY:
+            tl.store(entropy_ptr + row, lse - (ez_other + e_y * z_y) / total)  # H = lse - Σ p_j z_j
 
         if COMPUTE_GRAD:
             # Pass 2: dL/dz_j = w·[p_j(1 + 2ζ·lse) - ε/V - (1-ε)[j=y]], with the j = y term
-            # rewritten as -q + p_y·2ζ·lse + ε(1 - 1/V).
+            # rewritten as -q + p_y·2ζ·lse + ε(1 - 1/V); then the chain rule through z/T and
+            # the softcap.
             coef = 2.0 * z_loss * lse
             smooth = label_smoothing / V
             g_y = -q + (e_y / total) * coef + label_smoothing - smooth
@@ -129,16 +157,18 @@ def _ce_rows_kernel(
                 z = tl.load(logits_ptr + offs, mask=valid, other=0.0).to(tl.float32)
                 if HAS_SOFTCAP:
                     z = softcap * _tanh(z / softcap)
-                p = tl.exp(z - lse)
+                p = tl.exp(z * inv_temp - lse)
                 g = tl.where(offs == y, g_y, p * (1.0 + coef) - smooth)
-                if HAS_SOFTCAP:
+                if HAS_SOFTCAP:  # z is the softcapped logit, before the temperature
                     g = g * (1.0 - (z / softcap) * (z / softcap))
-                g = g * w
+                g = g * (w * inv_temp)
                 tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=valid)
     else:
         tl.store(loss_ptr + row, 0.0)
         tl.store(lse_ptr + row, 0.0)
         tl.store(correct_ptr + row, 0.0)
+        if COMPUTE_ENTROPY:
+            tl.store(entropy_ptr + row, 0.0)
         if COMPUTE_GRAD:
             for start in range(0, V, BLOCK_V):
                 offs = start + cols
@@ -146,22 +176,21 @@ def _ce_rows_kernel(
                 tl.store(grad_ptr + offs, zero.to(grad_ptr.dtype.element_ty), mask=offs < V)
 
 
-def _rows_triton(logits, grad, labels, weights, eps, z_loss, softcap):
+def _rows_triton(logits, grad, labels, weights, o: _Opts):
     C, V = logits.shape
-    loss = empty(C, dtype=torch.float32, device=logits.device)
-    lse = empty(C, dtype=torch.float32, device=logits.device)
-    correct = empty(C, dtype=torch.float32, device=logits.device)
-    if C == 0:
-        return loss, lse, correct
-    block = min(MAX_BLOCK_V, triton.next_power_of_2(V))
-    g = grad if grad is not None else logits
-    _ce_rows_kernel[(C,)](
-        logits, logits.stride(0), g, g.stride(0), labels, weights, loss, lse, correct,
-        V, float(eps), float(z_loss), float(softcap or 1.0),
-        HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=grad is not None, BLOCK_V=block,
-        num_warps=16 if block >= 4096 else 8 if block >= 2048 else 4,
-    )
-    return loss, lse, correct
+    loss, lse, correct = (empty(C, dtype=torch.float32, device=logits.device) for _ in range(3))
+    entropy = empty(C, dtype=torch.float32, device=logits.device) if o.entropy else None
+    if C > 0:
+        block = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+        g = grad if grad is not None else logits
+        _ce_rows_kernel[(C,)](
+            logits, logits.stride(0), g, g.stride(0), labels, weights,
+            loss, lse, correct, entropy if o.entropy else loss,
+            V, o.eps, o.z_loss, float(o.softcap or 1.0), o.inv_temp,
+            HAS_SOFTCAP=o.softcap is not None, COMPUTE_GRAD=grad is not None, COMPUTE_ENTROPY=o.entropy,
+            BLOCK_V=block, num_warps=16 if block >= 4096 else 8 if block >= 2048 else 4,
+        )
+    return loss, lse, correct, entropy
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,22 +198,31 @@ def _rows_triton(logits, grad, labels, weights, eps, z_loss, softcap):
 # --------------------------------------------------------------------------------------------
 
 
-def _rows_torch(logits, grad, labels, weights, eps, z_loss, softcap):
-    """The row function in PyTorch on one chunk: same maths and outputs as `_ce_rows_kernel`."""
+def _rows_torch(logits, grad, labels, weights, o: _Opts):
+    """The row function in PyTorch on one chunk: same maths and outputs as `_ce_rows_kernel`.
+
+    Works in place on whatever it owns (an fp32 copy of low-precision logits, or the chunk
+    buffer it is to overwrite with the gradient): one chunk of fp32 memory, two with a softcap
+    or the entropy, which need z after the exponentials.
+    """
     C, V = logits.shape
+    eps, z_loss, cap, t = o.eps, o.z_loss, o.softcap, o.inv_temp
     z = logits.float()
-    if softcap is not None:
-        z = torch.tanh(z / softcap).mul_(softcap)
+    own = z is not logits or grad is logits  # may z be overwritten?
+    if cap is not None:
+        z = (z.div_(cap) if own else z / cap).tanh_().mul_(cap)
+        own = True
+    if t != 1.0:
+        z = z.mul_(t) if own else z * t
+        own = True
     trained = weights != 0
     y = torch.where(trained & (labels >= 0) & (labels < V), labels, 0).unsqueeze(1)
     z_y = z.gather(1, y).squeeze(1)
     z_sum = z.sum(1) if eps else None
     m = z.amax(1)
-    # Work in place when the chunk is fp32 scratch we may overwrite (the common case): one chunk
-    # of memory instead of three. With a softcap, z is still needed for the chain rule.
-    in_place = grad is not None and z is grad and softcap is None
-    e = (z.sub_(m.unsqueeze(1)) if in_place else z - m.unsqueeze(1)).exp_()
-    e.scatter_(1, y, 0.0)
+    keep_z = cap is not None or o.entropy
+    e = (z.sub_(m.unsqueeze(1)) if own and not keep_z else z - m.unsqueeze(1)).exp_()
+    e.scatter_(1, y, 0.0)  # e_j = exp(z_j - m) for j ≠ y
     d_other = e.sum(1)
     e_y = (z_y - m).exp()
     total = d_other + e_y
@@ -193,8 +231,11 @@ def _rows_torch(logits, grad, labels, weights, eps, z_loss, softcap):
     loss = (1 - eps) * nll + (eps * (lse - z_sum / V) if eps else 0) + z_loss * lse * lse
     zero = torch.zeros((), device=z.device)
     loss = torch.where(trained, weights * loss, zero)
-    lse = torch.where(trained, lse, zero)
     correct = (trained & (z_y >= m)).float()
+    entropy = None
+    if o.entropy:  # H = lse - Σ_j p_j z_j
+        entropy = torch.where(trained, lse - (torch.einsum("ij,ij->i", e, z) + e_y * z_y) / total, zero)
+    lse = torch.where(trained, lse, zero)
 
     if grad is not None:
         coef = (2 * z_loss * lse).unsqueeze(1)
@@ -202,21 +243,22 @@ def _rows_torch(logits, grad, labels, weights, eps, z_loss, softcap):
         g = e.mul_((1 / total).unsqueeze(1)).mul_(1 + coef).sub_(smooth)  # p_j(1 + 2ζ·lse) - ε/V, j ≠ y
         g_y = -d_other / total + (e_y / total) * coef.squeeze(1) + eps - smooth
         g.scatter_(1, y, g_y.unsqueeze(1))
-        if softcap is not None:
-            g.mul_(1 - (z / softcap) ** 2)
-        g.mul_(torch.where(trained, weights, zero).unsqueeze(1))
+        if cap is not None:  # d softcap / d logit = 1 - (capped / cap)², capped = z / t
+            g.mul_(z.mul_(1 / (t * cap)).square_().neg_().add_(1))
+        g.mul_((torch.where(trained, weights, zero) * t).unsqueeze(1))
         if g is not grad:
             grad.copy_(g)
-    return loss, lse, correct
+    return loss, lse, correct, entropy
 
 
-def _rows(backend, logits, grad, labels, weights, eps, z_loss, softcap):
-    fn = _rows_triton if backend == "triton" else _rows_torch
-    return fn(logits, grad, labels, weights, eps, z_loss, softcap)
+def _rows(logits, grad, labels, weights, o: _Opts):
+    """Per-row loss, lse, correct, entropy (or None); dL/dlogits into `grad` unless it is None."""
+    fn = _rows_triton if o.backend == "triton" else _rows_torch
+    return fn(logits, grad, labels, weights, o)
 
 
 # --------------------------------------------------------------------------------------------
-# The chunk loop shared by forward and backward
+# The chunk loop
 # --------------------------------------------------------------------------------------------
 
 
@@ -230,54 +272,148 @@ def _add_grad_weight(acc, g, h):
         acc[v0 : v0 + step] += (g[:, v0 : v0 + step].t() @ h).float()
 
 
-def _linear_ce_chunks(h, w, b, labels, weights, opts, need_gh, need_gw, need_gb):
-    """Loss, lse and correct per row [N], and the gradients for unit upstream (None if not needed)."""
-    backend, eps, z_loss, softcap, chunk = opts
+def _linear_ce_chunks(h, w, b, labels, weights, rows, o: _Opts, need_gh, need_gw, need_gb):
+    """Run the head over the rows `rows` of h (None: all) a chunk at a time.
+
+    Returns per-row loss, lse, correct, entropy ([N] fp32, 0 for rows not run; entropy None unless
+    asked) and the gradients of Σ loss (None where not needed). `labels` and `weights` are on
+    h's device.
+    """
     N, V = h.shape[0], w.shape[0]
     dev = h.device
     need_grad = need_gh or need_gw or need_gb
-    gh = torch.zeros_like(h) if need_gh else None
+    gh = torch.zeros(h.shape, dtype=h.dtype, device=dev) if need_gh else None
     gw = torch.zeros(w.shape, dtype=torch.float32, device=dev) if need_gw else None
     gb = torch.zeros(V, dtype=torch.float32, device=dev) if need_gb else None
-
-    rows, hs, ys, ws = None, h, labels, weights
-    if dev.type == "cpu":  # compact the trained rows; on the CPU this costs no sync
-        trained = weights.nonzero().squeeze(1)
-        if trained.numel() < N:
-            rows, hs, ys, ws = trained, h[trained], labels[trained], weights[trained]
+    hs, ys, ws = (h, labels, weights) if rows is None else (h[rows], labels[rows], weights[rows])
     n = hs.shape[0]
-    loss = empty(n, dtype=torch.float32, device=dev)
-    lse = empty(n, dtype=torch.float32, device=dev)
-    correct = empty(n, dtype=torch.float32, device=dev)
+    outs = [empty(n, dtype=torch.float32, device=dev) for _ in range(4 if o.entropy else 3)]
 
-    buf = torch.empty(min(chunk, n), V, dtype=h.dtype, device=dev)  # one chunk of logits, reused
-    for s in range(0, n, chunk):
-        e = min(s + chunk, n)
+    buf = torch.empty(min(o.chunk, n), V, dtype=h.dtype, device=dev)  # one chunk of logits, reused
+    for s in range(0, n, o.chunk):
+        e = min(s + o.chunk, n)
         hc = hs[s:e]
         logits = buf[: e - s]
         if b is None:
             torch.mm(hc, w.t(), out=logits)
         else:
             torch.addmm(b, hc, w.t(), out=logits)
-        out = _rows(backend, logits, logits if need_grad else None, ys[s:e], ws[s:e], eps, z_loss, softcap)
-        loss[s:e], lse[s:e], correct[s:e] = out
+        res = _rows(logits, logits if need_grad else None, ys[s:e], ws[s:e], o)
+        for out, r in zip(outs, res):
+            out[s:e] = r
         if need_gh:
-            g_h = logits @ w
             if rows is None:
-                gh[s:e] = g_h
+                torch.mm(logits, w, out=gh[s:e])
             else:
-                gh[rows[s:e]] = g_h
+                gh[rows[s:e]] = logits @ w
         if need_gw:
             _add_grad_weight(gw, logits, hc)
         if need_gb:
             gb += logits.sum(0, dtype=torch.float32)
 
     if rows is not None:
-        full = [torch.zeros(N, dtype=torch.float32, device=dev) for _ in range(3)]
-        for dst, src in zip(full, (loss, lse, correct)):
+        full = [torch.zeros(N, dtype=torch.float32, device=dev) for _ in outs]
+        for dst, src in zip(full, outs):
             dst[rows] = src
-        loss, lse, correct = full
-    return loss, lse, correct, gh, gw, gb
+        outs = full
+    loss, lse, correct, entropy = (*outs, None) if len(outs) == 3 else outs
+    return loss, lse, correct, entropy, gh, gw, gb
+
+
+def _trained_rows(weights_host, n_rows, device):
+    """Indices of the trained rows, from weights on the host; None when every row is trained."""
+    if weights_host.device.type != "cpu":
+        return None
+    rows = weights_host.nonzero().squeeze(1)
+    if rows.numel() == n_rows:
+        return None
+    return rows.to(device, non_blocking=True)
+
+
+class _LinearCE(torch.autograd.Function):
+    """Σ or per-token loss of the head; outputs loss, lse, correct, entropy (the last three constant)."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, labels, weights, rows, n, reduction, o, grad_enabled):
+        # needs_input_grad ignores no_grad (forward always runs with grad mode off), hence the flag.
+        need_gh, need_gw, need_gb = (x and grad_enabled for x in ctx.needs_input_grad[:3])
+        # mean/sum: every gradient now. none with a frozen head: dh now, its rows scaled later.
+        if reduction != "none":
+            now = (need_gh, need_gw, need_gb)
+        else:
+            now = (need_gh and not (need_gw or need_gb), False, False)
+        loss, lse, correct, entropy, gh, gw, gb = _linear_ce_chunks(h, w, b, labels, weights, rows, o, *now)
+        ctx.reduction, ctx.o, ctx.now = reduction, o, now
+        ctx.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype)
+        if reduction == "none" and not now[0]:
+            ctx.save_for_backward(h, w, b, labels, weights, rows, n)
+        else:
+            ctx.save_for_backward(gh, gw, gb, weights, n)
+        if entropy is None:
+            entropy = torch.zeros(0, device=h.device)
+        ctx.mark_non_differentiable(lse, correct, entropy)
+        return _reduce(loss, n, reduction), lse, correct, entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss, _lse, _correct, _entropy):
+        need_gh, need_gw, need_gb = ctx.needs_input_grad[:3]
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        if ctx.reduction == "none" and not ctx.now[0]:
+            h, w, b, labels, weights, rows, n = ctx.saved_tensors
+            up = weights * grad_loss.float()
+            _, _, _, _, gh, gw, gb = _linear_ce_chunks(
+                h, w, b, labels, up, rows, ctx.o._replace(entropy=False), need_gh, need_gw, need_gb
+            )
+        elif ctx.reduction == "none":  # frozen head: dh per token was computed in the forward
+            gh, _, _, weights, n = ctx.saved_tensors
+            gh = gh.mul_(grad_loss.to(gh.dtype).unsqueeze(1))
+            gw = gb = None
+        else:
+            gh, gw, gb, weights, n = ctx.saved_tensors
+            s = _scale(grad_loss.float(), n)
+            # In place: these buffers are ours. A second backward through the same graph is
+            # caught by autograd's saved-tensor version check instead of scaling twice.
+            gh = gh.mul_(s.to(gh.dtype)) if need_gh else None
+            gw = gw.mul_(s) if need_gw else None
+            gb = gb.mul_(s) if need_gb else None
+        return (
+            None if gh is None else gh.to(h_dtype),
+            None if gw is None else gw.to(w_dtype),
+            None if gb is None else gb.to(b_dtype),
+            None, None, None, None, None, None, None,
+        )
+
+
+class _CE(torch.autograd.Function):
+    """Cross-entropy on given logits: loss in the forward, dL/dlogits in the backward."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, weights, n, reduction, o):
+        N = logits.shape[0]
+        loss, lse, correct = (empty(N, dtype=torch.float32, device=logits.device) for _ in range(3))
+        for s in range(0, N, o.chunk):
+            e = min(s + o.chunk, N)
+            loss[s:e], lse[s:e], correct[s:e], _ = _rows(logits[s:e], None, labels[s:e], weights[s:e], o)
+        ctx.save_for_backward(logits, labels, weights, n)
+        ctx.reduction, ctx.o = reduction, o
+        ctx.mark_non_differentiable(lse, correct)
+        return _reduce(loss, n, reduction), lse, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse, _grad_correct):
+        logits, labels, weights, n = ctx.saved_tensors
+        o = ctx.o
+        up = weights * (grad_loss.float() if ctx.reduction == "none" else _scale(grad_loss.float(), n))
+        grad = empty(*logits.shape, dtype=logits.dtype, device=logits.device)
+        for s in range(0, logits.shape[0], o.chunk):
+            e = min(s + o.chunk, logits.shape[0])
+            _rows(logits[s:e], grad[s:e], labels[s:e], up[s:e], o)
+        return grad, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Shared argument handling (also used by logprobs.py)
+# --------------------------------------------------------------------------------------------
 
 
 def _token_weights(labels, loss_mask, ignore_index):
@@ -287,15 +423,17 @@ def _token_weights(labels, loss_mask, ignore_index):
     return w
 
 
-def _normalizer(weights, num_items, reduction):
-    """The divisor of the summed loss as a 0-d fp32 tensor (1 for sum/none)."""
+def _normalizer(weights, num_items, reduction, device):
+    """The divisor of the summed loss as a 0-d fp32 tensor on `device` (1 for sum/none)."""
     if reduction != "mean":
-        return torch.ones((), device=weights.device)
+        return torch.ones((), device=device)
     if num_items is None:
-        return weights.sum()
-    if isinstance(num_items, torch.Tensor):
-        return num_items.to(device=weights.device, dtype=torch.float32).reshape(())
-    return torch.tensor(float(num_items), device=weights.device)
+        n = weights.sum()
+    elif isinstance(num_items, torch.Tensor):
+        n = num_items.to(dtype=torch.float32).reshape(())
+    else:
+        n = torch.tensor(float(num_items))
+    return n.to(device, non_blocking=True)
 
 
 def _reduce(loss, n, reduction):
@@ -312,91 +450,13 @@ def _scale(grad_out, n):
     return torch.where(n != 0, grad_out / n, torch.zeros_like(grad_out))
 
 
-class _LinearCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, w, b, labels, weights, n, reduction, opts, grad_enabled):
-        # needs_input_grad ignores no_grad (forward always runs with grad mode off), hence the flag.
-        need_gh, need_gw, need_gb = ctx.needs_input_grad[:3]
-        in_forward = grad_enabled and reduction != "none" and (need_gh or need_gw or need_gb)
-        loss, lse, correct, gh, gw, gb = _linear_ce_chunks(
-            h, w, b, labels, weights, opts,
-            need_gh and in_forward, need_gw and in_forward, need_gb and in_forward,
-        )
-        ctx.reduction, ctx.opts = reduction, opts
-        ctx.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype)
-        if reduction == "none":
-            ctx.save_for_backward(h, w, b, labels, weights, n)
-        else:
-            ctx.save_for_backward(gh, gw, gb, n)
-        ctx.mark_non_differentiable(lse, correct)
-        return _reduce(loss, n, reduction), lse, correct
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_lse, _grad_correct):
-        need_gh, need_gw, need_gb = ctx.needs_input_grad[:3]
-        h_dtype, w_dtype, b_dtype = ctx.dtypes
-        if ctx.reduction == "none":
-            h, w, b, labels, weights, n = ctx.saved_tensors
-            up = weights * grad_loss.float()
-            _, _, _, gh, gw, gb = _linear_ce_chunks(h, w, b, labels, up, ctx.opts, need_gh, need_gw, need_gb)
-        else:
-            gh, gw, gb, n = ctx.saved_tensors
-            s = _scale(grad_loss.float(), n)
-            # In place: these buffers are ours. A second backward through the same graph is
-            # caught by autograd's saved-tensor version check instead of scaling twice.
-            gh = gh.mul_(s.to(gh.dtype)) if need_gh else None
-            gw = gw.mul_(s) if need_gw else None
-            gb = gb.mul_(s) if need_gb else None
-        return (
-            None if gh is None else gh.to(h_dtype),
-            None if gw is None else gw.to(w_dtype),
-            None if gb is None else gb.to(b_dtype),
-            None, None, None, None, None, None,
-        )
-
-
-class _CE(torch.autograd.Function):
-    """Cross-entropy on given logits: loss in the forward, dL/dlogits in the backward."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, weights, n, reduction, opts):
-        backend, eps, z_loss, softcap, chunk = opts
-        N = logits.shape[0]
-        loss = empty(N, dtype=torch.float32, device=logits.device)
-        lse, correct = torch.empty_like(loss), torch.empty_like(loss)
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            loss[s:e], lse[s:e], correct[s:e] = _rows(
-                backend, logits[s:e], None, labels[s:e], weights[s:e], eps, z_loss, softcap
-            )
-        ctx.save_for_backward(logits, labels, weights, n)
-        ctx.reduction, ctx.opts = reduction, opts
-        ctx.mark_non_differentiable(lse, correct)
-        return _reduce(loss, n, reduction), lse, correct
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_lse, _grad_correct):
-        logits, labels, weights, n = ctx.saved_tensors
-        backend, eps, z_loss, softcap, chunk = ctx.opts
-        up = weights * (grad_loss.float() if ctx.reduction == "none" else _scale(grad_loss.float(), n))
-        grad = empty(*logits.shape, dtype=logits.dtype, device=logits.device)
-        for s in range(0, logits.shape[0], chunk):
-            e = min(s + chunk, logits.shape[0])
-            _rows(backend, logits[s:e], grad[s:e], labels[s:e], up[s:e], eps, z_loss, softcap)
-        return grad, None, None, None, None, None
-
-
-# --------------------------------------------------------------------------------------------
-# Public API
-# --------------------------------------------------------------------------------------------
-
-
-class CEStats(NamedTuple):
-    """Per-token statistics returned with `return_stats=True` (0 for tokens not trained)."""
-
-    lse: torch.Tensor  # [N] fp32 log-sum-exp of the (softcapped) logits
-    correct: torch.Tensor  # [N] bool: argmax == label
-    accuracy: torch.Tensor  # 0-d fp32: correct / trained tokens (0 if none)
+def _check_head(hidden, weight, bias):
+    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden [..., H] and weight [V, H] do not match: {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden is {hidden.dtype} but weight is {weight.dtype}; cast one of them")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
 
 
 def _check(labels, n_rows, loss_mask, reduction, label_smoothing, z_loss, softcap, what):
@@ -418,13 +478,39 @@ def _check(labels, n_rows, loss_mask, reduction, label_smoothing, z_loss, softca
 
 
 def _check_label_range(labels, weights, V):
-    # Only on the CPU, where it costs no sync; on CUDA out-of-range labels read as logit 0.
+    # Only for labels on the CPU, where it costs no sync; on CUDA out-of-range labels read as logit 0.
     if labels.device.type == "cpu":
         bad = (weights != 0) & ((labels < 0) | (labels >= V))
         if bad.any():
             i = int(bad.nonzero()[0])
             raise ValueError(f"label {int(labels[i])} at token {i} is outside the vocabulary [0, {V}); "
                              "mask it with ignore_index or loss_mask")
+
+
+def prepare_head(hidden, weight, labels, *, bias, ignore_index, loss_mask):
+    """Flatten and check a head call; returns h [N, H], labels and weights on h's device, the
+    trained rows (or None) and the weights where the caller gave the labels (for counting)."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    labels_flat = labels.reshape(-1).to(torch.int64)
+    weights_host = _token_weights(labels_flat, loss_mask, ignore_index)
+    _check_label_range(labels_flat, weights_host, weight.shape[0])
+    rows = _trained_rows(weights_host, h.shape[0], h.device)
+    labels_dev = labels_flat.to(h.device, non_blocking=True)
+    weights_dev = weights_host.to(h.device, non_blocking=True)
+    return h, labels_dev, weights_dev, rows, weights_host
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+class CEStats(NamedTuple):
+    """Per-token statistics returned with `return_stats=True` (0 for tokens not trained)."""
+
+    lse: torch.Tensor  # [N] fp32 log-sum-exp of the (softcapped) logits
+    correct: torch.Tensor  # [N] bool: argmax == label
+    accuracy: torch.Tensor  # 0-d fp32: correct / trained tokens (0 if none)
 
 
 def _finish(loss, lse, correct, weights, return_stats):
@@ -458,7 +544,8 @@ def fused_linear_cross_entropy(
 
     hidden [..., H] (flattened to [N, H]), weight [V, H], labels [...] int64, already shifted.
     Tokens whose label is `ignore_index` are not trained; `loss_mask` ([N] bool or float
-    weights) masks or weights tokens further.
+    weights) masks or weights tokens further. Labels and loss_mask may stay on the CPU while
+    hidden is on CUDA: then masked tokens skip the matmuls without a host sync.
     reduction: "mean" = weighted sum / num_items (default: the trained-token count, or the
     weight sum), "sum", or "none" (per-token weighted loss [N]). Pass `num_items`, the count
     over all gradient-accumulation steps, so the loss does not depend on how a batch is split.
@@ -468,26 +555,19 @@ def fused_linear_cross_entropy(
     chunk_size: rows per chunk (default: FASTTUNE_CHUNK_BYTES of logits). backend: "auto",
     "triton" or "torch" (default FASTTUNE_BACKEND, else by device).
     """
-    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden [..., H] and weight [V, H] do not match: {tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden is {hidden.dtype} but weight is {weight.dtype}; cast one of them")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-    h = hidden.reshape(-1, hidden.shape[-1])
-    _check(labels, h.shape[0], loss_mask, reduction, label_smoothing, z_loss, softcap, "hidden")
-    labels = labels.reshape(-1).to(device=h.device, dtype=torch.int64)
-    weights = _token_weights(labels, loss_mask, ignore_index)
-    V = weight.shape[0]
-    _check_label_range(labels, weights, V)
-    n = _normalizer(weights, num_items, reduction)
-    opts = (
-        pick_backend(backend, h.device), float(label_smoothing), float(z_loss), softcap,
-        chunk_rows(V, h.device, h.dtype, chunk_size),
+    _check_head(hidden, weight, bias)
+    N = hidden.numel() // hidden.shape[-1]
+    _check(labels, N, loss_mask, reduction, label_smoothing, z_loss, softcap, "hidden")
+    h, labels_d, weights_d, rows, weights_host = prepare_head(
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index, loss_mask=loss_mask
     )
+    n = _normalizer(weights_host, num_items, reduction, h.device)
+    o = _Opts(pick_backend(backend, h.device), chunk_rows(weight.shape[0], h.device, h.dtype, chunk_size),
+              float(label_smoothing), float(z_loss), softcap)
     b = None if bias is None else bias.to(h.dtype)
-    loss, lse, correct = _LinearCE.apply(h, weight, b, labels, weights, n, reduction, opts, torch.is_grad_enabled())
-    return _finish(loss, lse, correct, weights, return_stats)
+    loss, lse, correct, _ = _LinearCE.apply(h, weight, b, labels_d, weights_d, rows, n, reduction, o,
+                                            torch.is_grad_enabled())
+    return _finish(loss, lse, correct, weights_d, return_stats)
 
 
 def cross_entropy(
@@ -513,13 +593,14 @@ def cross_entropy(
     _check(labels, z.shape[0], loss_mask, reduction, label_smoothing, z_loss, softcap, "logits")
     if z.stride(-1) != 1:
         z = z.contiguous()
-    labels = labels.reshape(-1).to(device=z.device, dtype=torch.int64)
+    labels = labels.reshape(-1).to(torch.int64)
     weights = _token_weights(labels, loss_mask, ignore_index)
     V = z.shape[1]
     _check_label_range(labels, weights, V)
-    n = _normalizer(weights, num_items, reduction)
+    labels, weights = labels.to(z.device), weights.to(z.device)
+    n = _normalizer(weights, num_items, reduction, z.device)
     be = pick_backend(backend, z.device)
     chunk = z.shape[0] if be == "triton" else chunk_rows(V, z.device, z.dtype, None)
-    opts = (be, float(label_smoothing), float(z_loss), softcap, max(1, chunk))
-    loss, lse, correct = _CE.apply(z, labels, weights, n, reduction, opts)
+    o = _Opts(be, max(1, chunk), float(label_smoothing), float(z_loss), softcap)
+    loss, lse, correct = _CE.apply(z, labels, weights, n, reduction, o)
     return _finish(loss, lse, correct, weights, return_stats)

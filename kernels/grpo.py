@@ -1,0 +1,128 @@
+"""The GRPO loss on a linear head, without the policy's logits.
+
+Per completion token t of sequence i, with logp the policy's log-prob of the sampled token (at
+`temperature`, as sampled), old the sampling policy's and ref the reference's:
+
+    ratio = exp(logp - old)                       (old = logp.detach() when not given: ratio 1)
+    loss_t = -min(ratio·A_i, clip(ratio, 1 - ε_low, 1 + ε_high)·A_i) + β·kl_t
+    kl_t   = exp(ref - logp) - (ref - logp) - 1   (k3 estimator, only with β > 0)
+
+and the aggregation of TRL's GRPOTrainer (m = completion mask):
+
+    grpo     mean_i( Σ_t m·loss / Σ_t m )          num_items: number of sequences
+    dr_grpo  Σ m·loss / (num_seqs · max_completion_len)   num_items: number of sequences
+    dapo     Σ m·loss / Σ m                         num_items: number of completion tokens
+    bnpo     Σ m·loss / Σ m                         num_items: number of completion tokens
+
+`num_items` is the count over the whole accumulated batch, so splitting a batch into
+micro-batches changes neither the loss nor the gradient. (TRL's dapo and bnpo differ in which
+batch the token count comes from; here the caller says it with num_items.)
+The log-probs come from `linear_logprobs`; the rest is elementwise on [B, T].
+"""
+
+from typing import NamedTuple
+
+import torch
+
+from .logprobs import linear_logprobs
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+
+
+class GRPOStats(NamedTuple):
+    """Means over this call's completion tokens (0-d, detached)."""
+
+    kl: torch.Tensor  # mean k3 KL to the reference (0 without ref_logps)
+    clip_ratio_low: torch.Tensor  # ratio < 1 - ε_low where A < 0
+    clip_ratio_high: torch.Tensor  # ratio > 1 + ε_high where A > 0
+    clip_ratio_region: torch.Tensor  # either
+    entropy: torch.Tensor  # mean entropy of the policy at `temperature`
+    logps: torch.Tensor  # [B, T] the policy's log-probs (0 off the mask), detached
+    num_tokens: torch.Tensor  # completion tokens in this call
+
+
+def grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    old_logps: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    loss_type: str = "dapo",
+    temperature: float = 1.0,
+    num_items: int | torch.Tensor | None = None,
+    max_completion_len: int | None = None,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+):
+    """GRPO loss: hidden [B, T, H] are the states that predict completion_ids [B, T] (shifted),
+    completion_mask [B, T] marks the completion tokens, advantages [B]. old_logps / ref_logps
+    [B, T] as from `linear_logprobs`. max_completion_len (dr_grpo) defaults to T.
+    Returns (loss, GRPOStats).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, T, H], got {tuple(hidden.shape)}")
+    B, T = hidden.shape[:2]
+    for name, t in (("completion_ids", completion_ids), ("completion_mask", completion_mask),
+                    ("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if t is not None and t.shape != (B, T):
+            raise ValueError(f"{name} must be [B, T] = [{B}, {T}], got {tuple(t.shape)}")
+    if advantages.shape != (B,):
+        raise ValueError(f"advantages must be [B] = [{B}] (one per sequence), got {tuple(advantages.shape)}")
+    if beta > 0 and ref_logps is None:
+        raise ValueError("beta > 0 needs ref_logps (the reference model's log-probs)")
+    dev = hidden.device
+
+    mask_host = completion_mask.bool()
+    labels = torch.where(mask_host, completion_ids, -100)  # stays where the caller keeps it
+    logp, entropy = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                    return_entropy=True, chunk_size=chunk_size, backend=backend)
+    m = mask_host.to(dev, non_blocking=True)
+    mf = m.float()
+    old = logp.detach() if old_logps is None else old_logps.to(dev)
+    log_ratio = torch.where(m, logp - old, torch.zeros_like(logp))
+    ratio = torch.exp(log_ratio)
+    A = advantages.to(device=dev, dtype=torch.float32).unsqueeze(1)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * A, clipped * A)
+    kl = None
+    if ref_logps is not None:
+        d = torch.where(m, ref_logps.to(dev) - logp, torch.zeros_like(logp))
+        kl = torch.exp(d) - d - 1
+        if beta > 0:
+            per_token = per_token + beta * kl
+
+    summed = per_token * mf
+    count = mf.sum()
+    if loss_type == "grpo":
+        per_seq = summed.sum(-1) / mf.sum(-1).clamp_min(1)
+        loss = per_seq.sum() / _count(num_items, B, dev)
+    elif loss_type == "dr_grpo":
+        loss = summed.sum() / (_count(num_items, B, dev) * (max_completion_len or T))
+    else:  # dapo, bnpo
+        n = _count(num_items, count, dev)
+        loss = torch.where(n > 0, summed.sum() / n.clamp_min(1e-12), summed.sum() * 0)
+
+    with torch.no_grad():
+        denom = count.clamp_min(1)
+        low = ((ratio < 1 - epsilon_low) & (A < 0) & m).float()
+        high = ((ratio > 1 + epsilon_high) & (A > 0) & m).float()
+        stats = GRPOStats(
+            (kl * mf).sum() / denom if kl is not None else torch.zeros((), device=dev),
+            low.sum() / denom, high.sum() / denom, torch.maximum(low, high).sum() / denom,
+            (entropy * mf).sum() / denom, logp.detach(), count,
+        )
+    return loss, stats
+
+
+def _count(num_items, default, device):
+    n = default if num_items is None else num_items
+    return torch.as_tensor(n, dtype=torch.float32).to(device)

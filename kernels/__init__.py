@@ -5,6 +5,7 @@ Tensors on CUDA take the Triton path; tensors on the CPU a chunked PyTorch path 
 memory bound. FASTTUNE_BACKEND=triton|torch (or backend=...) forces one.
 """
 
+from .attention import varlen_attention
 from .cross_entropy import CEStats, cross_entropy, fused_linear_cross_entropy
 from .dpo import DPOStats, dpo_loss
 from .grpo import GRPOStats, grpo_loss
@@ -12,5 +13,5 @@ from .logprobs import linear_logprobs
 
 __all__ = [
     "CEStats", "DPOStats", "GRPOStats",
-    "cross_entropy", "dpo_loss", "fused_linear_cross_entropy", "grpo_loss", "linear_logprobs",
+    "cross_entropy", "dpo_loss", "fused_linear_cross_entropy", "grpo_loss", "linear_logprobs", "varlen_attention",
 ]

@@ -425,6 +425,7 @@ def _token_weights(labels, loss_mask, ignore_index):
 
 def _normalizer(weights, num_items, reduction, device):
     """The divisor of the summed loss as a 0-d fp32 tensor on `device` (1 for sum/none)."""
+    # Made on the device (torch.full) or copied without blocking: no host sync on CUDA.
     if reduction != "mean":
         return torch.ones((), device=device)
     if num_items is None:
@@ -432,7 +433,7 @@ def _normalizer(weights, num_items, reduction, device):
     elif isinstance(num_items, torch.Tensor):
         n = num_items.to(dtype=torch.float32).reshape(())
     else:
-        n = torch.tensor(float(num_items))
+        return torch.full((), float(num_items), device=device)
     return n.to(device, non_blocking=True)
 
 
@@ -597,7 +598,7 @@ def cross_entropy(
     weights = _token_weights(labels, loss_mask, ignore_index)
     V = z.shape[1]
     _check_label_range(labels, weights, V)
-    labels, weights = labels.to(z.device), weights.to(z.device)
+    labels, weights = labels.to(z.device, non_blocking=True), weights.to(z.device, non_blocking=True)
     n = _normalizer(weights, num_items, reduction, z.device)
     be = pick_backend(backend, z.device)
     chunk = z.shape[0] if be == "triton" else chunk_rows(V, z.device, z.dtype, None)

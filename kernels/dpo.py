@@ -114,11 +114,14 @@ def dpo_loss(
     seq = logp.sum(-1)
     if average_log_prob or loss_type == "ipo":
         seq = seq / tokens.clamp_min(1)
-    ref = torch.zeros_like(seq) if ref_logps is None else ref_logps.to(device=dev, dtype=torch.float32)
+    ref = torch.zeros_like(seq) if ref_logps is None else ref_logps.to(dev, torch.float32, non_blocking=True)
     r = seq - ref  # implicit reward / β
     r_c, r_r = r[:B], r[B:]
     losses = _pair_losses(loss_type, r_c - r_r, r_c, r_r, beta, label_smoothing)
-    n = torch.as_tensor(B if num_pairs is None else num_pairs, dtype=torch.float32).to(dev)
+    if isinstance(num_pairs, torch.Tensor):
+        n = num_pairs.to(dev, torch.float32, non_blocking=True)
+    else:
+        n = torch.full((), float(B if num_pairs is None else num_pairs), device=dev)
     loss = losses.sum() / n
 
     chosen_rewards, rejected_rewards = beta * r_c.detach(), beta * r_r.detach()

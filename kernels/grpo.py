@@ -87,15 +87,15 @@ def grpo_loss(
                                     return_entropy=True, chunk_size=chunk_size, backend=backend)
     m = mask_host.to(dev, non_blocking=True)
     mf = m.float()
-    old = logp.detach() if old_logps is None else old_logps.to(dev)
+    old = logp.detach() if old_logps is None else old_logps.to(dev, non_blocking=True)
     log_ratio = torch.where(m, logp - old, torch.zeros_like(logp))
     ratio = torch.exp(log_ratio)
-    A = advantages.to(device=dev, dtype=torch.float32).unsqueeze(1)
+    A = advantages.to(dev, torch.float32, non_blocking=True).unsqueeze(1)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_token = -torch.min(ratio * A, clipped * A)
     kl = None
     if ref_logps is not None:
-        d = torch.where(m, ref_logps.to(dev) - logp, torch.zeros_like(logp))
+        d = torch.where(m, ref_logps.to(dev, non_blocking=True) - logp, torch.zeros_like(logp))
         kl = torch.exp(d) - d - 1
         if beta > 0:
             per_token = per_token + beta * kl
@@ -125,4 +125,6 @@ def grpo_loss(
 
 def _count(num_items, default, device):
     n = default if num_items is None else num_items
-    return torch.as_tensor(n, dtype=torch.float32).to(device)
+    if isinstance(n, torch.Tensor):
+        return n.to(device, torch.float32, non_blocking=True)
+    return torch.full((), float(n), device=device)

@@ -1,0 +1,455 @@
+"""Packed-sequence (varlen) attention, forward and backward, in the flash-attention 2 style.
+
+    varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True) -> o
+
+q [T, Hq, D], k and v [T, Hkv, D] hold B samples back to back; cu_seqlens [B + 1] (int32) are
+their boundaries, as in flash_attn_varlen_func. A token attends only to tokens of its own sample
+(causally, by default), so packing several samples into one row wastes no compute on padding and
+never lets one sample see another. Hq must be a multiple of Hkv (GQA, MQA): q head h reads kv
+head h // (Hq / Hkv), as transformers' repeat_kv does.
+
+Options transformers' attention functions pass, for Gemma 2: `softcap` (scores <- c·tanh(s/c))
+and `window` (a token sees the `window` most recent tokens of its sample, itself included).
+
+How it runs (Triton):
+- Work is a list of (sample, block) pairs: sample i has ceil(L_i / BLOCK) blocks, and program p
+  finds its pair by a binary search over the cumulative block counts. The grid is
+  ceil(T / BLOCK) + B programs, an upper bound known on the host; programs past the last pair
+  return at once. Many short samples beside a long one waste nothing and nothing syncs.
+- Forward: per (sample, query block, head), an online softmax over the key blocks in the loop
+  bounds (causal: up to the diagonal; window: from the oldest visible key), in base 2. Saves the
+  log-sum-exp per row for the backward.
+- Backward: delta = rowsum(dO ∘ O); then one program per (sample, key block, kv head) sums dK
+  and dV over the query blocks and over every q head of its group (deterministic, no atomics),
+  and one program per (sample, query block, q head) forms dQ.
+The PyTorch path (CPU) runs each sample through scaled_dot_product_attention.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import empty, interpreting, pick_backend, tl, triton
+
+LOG2E = 1.4426950408889634
+
+# (BLOCK_M, BLOCK_N) for the forward and dQ (query rows, key columns) and for dK/dV; tests shrink them.
+BLOCKS = {"fwd": (64, 64), "bwd": (64, 64)}
+
+
+def _blocks(kind, head_dim):
+    bm, bn = BLOCKS[kind]
+    if head_dim > 128:  # keep the tiles within shared memory
+        bm, bn = min(bm, 64), min(bn, 32)
+    return bm, bn
+
+
+# --------------------------------------------------------------------------------------------
+# Triton
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # Triton's interpreter (3.9) computes garbage for tl.dot on bf16 operands: when
+    # interpreting bf16, multiply in fp32 instead. On a GPU UPCAST is always False.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _find_pair(cu_blocks_ptr, pid, n_seqs, search_steps):
+    """The sample i with cu_blocks[i] <= pid < cu_blocks[i + 1] (binary search)."""
+    lo = pid * 0
+    hi = lo + n_seqs
+    for _ in range(search_steps):
+        mid = (lo + hi) // 2
+        go_right = tl.load(cu_blocks_ptr + mid) <= pid
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid)
+    return lo
+
+
+@triton.jit
+def _scores(q, k, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Scaled (and softcapped) scores of a [M, D] x [N, D] tile in fp32; also tanh for the backward."""
+    s = _mm(q, tl.trans(k), PRECISION, UPCAST) * sm_scale
+    t = s
+    if HAS_SOFTCAP:
+        t = _tanh(s / softcap)
+        s = softcap * t
+    return s, t
+
+
+@triton.jit
+def _visible(rows, cols, L, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    ok = (rows[:, None] < L) & (cols[None, :] < L)
+    if CAUSAL:
+        ok = ok & (rows[:, None] >= cols[None, :])
+    if HAS_WINDOW:
+        ok = ok & (rows[:, None] - cols[None, :] < window)
+    return ok
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE,  # O like Q; LSE [Hq, T] fp32
+    cu_seqlens, cu_blocks, n_seqs, search_steps,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, T,
+    sm_scale, softcap, window,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    if pid >= tl.load(cu_blocks + n_seqs):
+        return
+    seq = _find_pair(cu_blocks, pid, n_seqs, search_steps)
+    start = tl.load(cu_seqlens + seq)
+    L = tl.load(cu_seqlens + seq + 1) - start
+    block = pid - tl.load(cu_blocks + seq)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)  # positions within the sample
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < HEAD_DIM
+    kv_head = head // GROUP
+
+    q = tl.load(Q + (start + rows)[:, None].to(tl.int64) * s_qt + head * s_qh + offs_d[None, :],
+                mask=(rows[:, None] < L) & dmask, other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, base 2
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    lo = 0
+    hi = L
+    if CAUSAL:
+        hi = tl.minimum(L, (block + 1) * BLOCK_M)
+    if HAS_WINDOW:
+        lo = tl.maximum(block * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + offs_n
+        kv_off = (start + cols)[:, None].to(tl.int64)
+        cmask = (cols[:, None] < L) & dmask
+        k = tl.load(K + kv_off * s_kt + kv_head * s_kh + offs_d[None, :], mask=cmask, other=0.0)
+        v = tl.load(V + kv_off * s_vt + kv_head * s_vh + offs_d[None, :], mask=cmask, other=0.0)
+        s, _ = _scores(q, k, sm_scale, softcap, HAS_SOFTCAP, PRECISION, UPCAST)
+        s = tl.where(_visible(rows, cols, L, window, CAUSAL, HAS_WINDOW), s * LOG2E, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    rmask = rows < L
+    tl.store(O + (start + rows)[:, None].to(tl.int64) * s_ot + head * s_oh + offs_d[None, :],
+             o.to(O.dtype.element_ty), mask=rmask[:, None] & dmask)
+    lse = (m_i + tl.log2(l_safe)) / LOG2E
+    tl.store(LSE + head.to(tl.int64) * T + start + rows, lse, mask=rmask)
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, s_ot, s_oh, s_dt, s_dh, T,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    # delta[h, t] = Σ_d dO[t, h, d] · O[t, h, d]
+    head = tl.program_id(1)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_D)
+    mask = (t[:, None] < T) & (d[None, :] < HEAD_DIM)
+    o = tl.load(O + t[:, None].to(tl.int64) * s_ot + head * s_oh + d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + t[:, None].to(tl.int64) * s_dt + head * s_dh + d[None, :], mask=mask, other=0.0)
+    tl.store(DELTA + head.to(tl.int64) * T + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=t < T)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    cu_seqlens, cu_blocks, n_seqs, search_steps,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dkt, s_dkh, s_dvt, s_dvh, T,
+    sm_scale, softcap, window,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    if pid >= tl.load(cu_blocks + n_seqs):
+        return
+    seq = _find_pair(cu_blocks, pid, n_seqs, search_steps)
+    start = tl.load(cu_seqlens + seq)
+    L = tl.load(cu_seqlens + seq + 1) - start
+    block = pid - tl.load(cu_blocks + seq)
+    cols = block * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's keys
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < HEAD_DIM
+    cmask = (cols[:, None] < L) & dmask
+    kv_off = (start + cols)[:, None].to(tl.int64)
+    k = tl.load(K + kv_off * s_kt + kv_head * s_kh + offs_d[None, :], mask=cmask, other=0.0)
+    v = tl.load(V + kv_off * s_vt + kv_head * s_vh + offs_d[None, :], mask=cmask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    lo = 0
+    hi = L
+    if CAUSAL:  # queries before this block's first key see none of it
+        lo = block * BLOCK_N // BLOCK_M * BLOCK_M
+    if HAS_WINDOW:  # queries past the last key + window see none of it
+        hi = tl.minimum(L, (block + 1) * BLOCK_N - 1 + window)
+    for g in range(GROUP):
+        head = kv_head * GROUP + g
+        for m0 in range(lo, hi, BLOCK_M):
+            rows = m0 + offs_m
+            rmask = rows < L
+            q_off = (start + rows)[:, None].to(tl.int64)
+            q = tl.load(Q + q_off * s_qt + head * s_qh + offs_d[None, :], mask=rmask[:, None] & dmask, other=0.0)
+            do = tl.load(DO + q_off * s_dot + head * s_doh + offs_d[None, :], mask=rmask[:, None] & dmask,
+                         other=0.0)
+            lse = tl.load(LSE + head.to(tl.int64) * T + start + rows, mask=rmask, other=0.0) * LOG2E
+            delta = tl.load(DELTA + head.to(tl.int64) * T + start + rows, mask=rmask, other=0.0)
+            s, t = _scores(q, k, sm_scale, softcap, HAS_SOFTCAP, PRECISION, UPCAST)
+            ok = _visible(rows, cols, L, window, CAUSAL, HAS_WINDOW)
+            p = tl.where(ok, tl.exp2(s * LOG2E - lse[:, None]), 0.0)
+            dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
+            dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
+            ds = p * (dp - delta[:, None])
+            if HAS_SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
+
+    out_mask = (cols[:, None] < L) & dmask
+    tl.store(DK + kv_off * s_dkt + kv_head * s_dkh + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=out_mask)
+    tl.store(DV + kv_off * s_dvt + kv_head * s_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    cu_seqlens, cu_blocks, n_seqs, search_steps,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dqt, s_dqh, T,
+    sm_scale, softcap, window,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    if pid >= tl.load(cu_blocks + n_seqs):
+        return
+    seq = _find_pair(cu_blocks, pid, n_seqs, search_steps)
+    start = tl.load(cu_seqlens + seq)
+    L = tl.load(cu_seqlens + seq + 1) - start
+    block = pid - tl.load(cu_blocks + seq)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < HEAD_DIM
+    rmask = rows < L
+    kv_head = head // GROUP
+    q_off = (start + rows)[:, None].to(tl.int64)
+    q = tl.load(Q + q_off * s_qt + head * s_qh + offs_d[None, :], mask=rmask[:, None] & dmask, other=0.0)
+    do = tl.load(DO + q_off * s_dot + head * s_doh + offs_d[None, :], mask=rmask[:, None] & dmask, other=0.0)
+    lse = tl.load(LSE + head.to(tl.int64) * T + start + rows, mask=rmask, other=0.0) * LOG2E
+    delta = tl.load(DELTA + head.to(tl.int64) * T + start + rows, mask=rmask, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    lo = 0
+    hi = L
+    if CAUSAL:
+        hi = tl.minimum(L, (block + 1) * BLOCK_M)
+    if HAS_WINDOW:
+        lo = tl.maximum(block * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + offs_n
+        kv_off = (start + cols)[:, None].to(tl.int64)
+        cmask = (cols[:, None] < L) & dmask
+        k = tl.load(K + kv_off * s_kt + kv_head * s_kh + offs_d[None, :], mask=cmask, other=0.0)
+        v = tl.load(V + kv_off * s_vt + kv_head * s_vh + offs_d[None, :], mask=cmask, other=0.0)
+        s, t = _scores(q, k, sm_scale, softcap, HAS_SOFTCAP, PRECISION, UPCAST)
+        ok = _visible(rows, cols, L, window, CAUSAL, HAS_WINDOW)
+        p = tl.where(ok, tl.exp2(s * LOG2E - lse[:, None]), 0.0)
+        dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
+    tl.store(DQ + q_off * s_dqt + head * s_dqh + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=rmask[:, None] & dmask)
+
+
+def _schedule(cu_seqlens, block):
+    """Cumulative block counts per sample [B + 1] (on the device), B, and the binary search's depth."""
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    counts = (lens + block - 1) // block
+    cu_blocks = torch.zeros(cu_seqlens.numel(), dtype=torch.int32, device=cu_seqlens.device)
+    torch.cumsum(counts, 0, dtype=torch.int32, out=cu_blocks[1:])
+    n_seqs = cu_seqlens.numel() - 1
+    return cu_blocks, n_seqs, max(1, math.ceil(math.log2(n_seqs + 1)) + 1)
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, causal, scale, softcap, window):
+        T, Hq, D = q.shape
+        Hkv = k.shape[1]
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        o = empty(T, Hq, D, dtype=q.dtype, device=q.device)
+        lse = empty(Hq, T, dtype=torch.float32, device=q.device)
+        meta = _meta(q, Hq // Hkv, D, causal, softcap, window)
+        bm, bn = _blocks("fwd", D)
+        cu_blocks, n_seqs, steps = _schedule(cu_seqlens, bm)
+        grid = (triton.cdiv(T, bm) + n_seqs, Hq)
+        _fwd_kernel[grid](
+            q, k, v, o, lse, cu_seqlens, cu_blocks, n_seqs, steps,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1), T,
+            scale, float(softcap or 1.0), int(window or 0), BLOCK_M=bm, BLOCK_N=bn, **meta,
+        )
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+        ctx.args = (causal, scale, softcap, window)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+        causal, scale, softcap, window = ctx.args
+        T, Hq, D = q.shape
+        Hkv = k.shape[1]
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        meta = _meta(q, Hq // Hkv, D, causal, softcap, window)
+        delta = empty(Hq, T, dtype=torch.float32, device=q.device)
+        _delta_kernel[(triton.cdiv(T, 64), Hq)](
+            o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), T,
+            HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_T=64,
+        )
+        dq, dk, dv = (empty(*x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+        common = (cu_seqlens,)
+        bm, bn = _blocks("bwd", D)
+        cu_blocks, n_seqs, steps = _schedule(cu_seqlens, bn)
+        _bwd_dkdv_kernel[(triton.cdiv(T, bn) + n_seqs, Hkv)](
+            q, k, v, do, lse, delta, dk, dv, *common, cu_blocks, n_seqs, steps,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), T,
+            scale, float(softcap or 1.0), int(window or 0), BLOCK_M=bm, BLOCK_N=bn, **meta,
+        )
+        bm, bn = _blocks("fwd", D)
+        cu_blocks, n_seqs, steps = _schedule(cu_seqlens, bm)
+        _bwd_dq_kernel[(triton.cdiv(T, bm) + n_seqs, Hq)](
+            q, k, v, do, lse, delta, dq, *common, cu_blocks, n_seqs, steps,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), T,
+            scale, float(softcap or 1.0), int(window or 0), BLOCK_M=bm, BLOCK_N=bn, **meta,
+        )
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _meta(q, group, D, causal, softcap, window):
+    return dict(
+        GROUP=group, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        CAUSAL=bool(causal), HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=interpreting() and q.dtype == torch.bfloat16,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch
+# --------------------------------------------------------------------------------------------
+
+
+def _sample_mask(L, causal, window, device):
+    """[L, L] bool: may query i see key j within one sample (None: everything visible)."""
+    if not causal and window is None:
+        return None
+    i = torch.arange(L, device=device)[:, None]
+    j = torch.arange(L, device=device)[None, :]
+    ok = torch.ones(L, L, dtype=torch.bool, device=device)
+    if causal:
+        ok = ok & (j <= i)
+    if window is not None:
+        ok = ok & (i - j < window)
+    return ok
+
+
+def _attention_torch(q, k, v, cu_seqlens, causal, scale, softcap, window):
+    """Each sample on its own: SDPA, or explicit scores when a softcap is asked for."""
+    group = q.shape[1] // k.shape[1]
+    out = []
+    bounds = cu_seqlens.tolist()  # a host sync on CUDA: this path is for the CPU
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e == s:
+            continue
+        qi, ki, vi = (x[s:e].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
+        ki, vi = ki.repeat_interleave(group, 0), vi.repeat_interleave(group, 0)
+        mask = _sample_mask(e - s, causal, window, q.device)
+        if softcap is None:
+            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
+        else:
+            scores = softcap * torch.tanh((qi.float() @ ki.float().transpose(1, 2)) * scale / softcap)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            oi = (scores.softmax(-1) @ vi.float()).to(q.dtype)
+        out.append(oi.transpose(0, 1))
+    return torch.cat(out) if out else torch.empty_like(q)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int | None = None,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention within each packed sample: q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B + 1].
+
+    A drop-in for flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+    causal=...). `max_seqlen` is accepted for that compatibility and is not needed. Returns
+    [T, Hq, D] in q's dtype. softcap and window as transformers' Gemma 2 passes them.
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"expected q [T, Hq, D] and k, v [T, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"Hq = {q.shape[1]} must be a multiple of Hkv = {k.shape[1]}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be [B + 1]: 0, then the end of each sample")
+    if cu_seqlens.device.type == "cpu" and q.device.type == "cpu":  # free to check here
+        c = cu_seqlens.tolist()
+        if c[0] != 0 or c[-1] != q.shape[0] or any(b < a for a, b in zip(c, c[1:])):
+            raise ValueError(f"cu_seqlens must rise from 0 to T = {q.shape[0]}, got {c[:8]}{'...' if len(c) > 8 else ''}")
+    if window is not None and (window < 1 or not causal):
+        raise ValueError(f"window must be >= 1 and used with causal=True, got window={window}, causal={causal}")
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    if pick_backend(backend, q.device) == "torch":
+        return _attention_torch(q, k, v, cu_seqlens, causal, scale, softcap, window)
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    return _VarlenAttention.apply(q, k, v, cu, causal, float(scale), softcap, window)

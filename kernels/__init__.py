@@ -11,7 +11,29 @@ from .dpo import DPOStats, dpo_loss
 from .grpo import GRPOStats, grpo_loss
 from .logprobs import linear_logprobs
 
+
+def apply(model, **kwargs):
+    """Make a transformers causal LM use fasttune's attention and fused loss (see kernels/hf.py)."""
+    from .hf import apply as _apply
+
+    return _apply(model, **kwargs)
+
+
+def revert(model):
+    """Undo `apply`."""
+    from .hf import revert as _revert
+
+    return _revert(model)
+
+
+def applied(model, **kwargs):
+    """Context manager: fasttune's kernels inside the block only."""
+    from .hf import applied as _applied
+
+    return _applied(model, **kwargs)
+
 __all__ = [
+    "apply", "applied", "revert",
     "CEStats", "DPOStats", "GRPOStats",
     "cross_entropy", "dpo_loss", "fused_linear_cross_entropy", "grpo_loss", "linear_logprobs", "varlen_attention",
 ]

@@ -1,0 +1,212 @@
+"""Make a Hugging Face causal LM use fasttune's kernels: `apply(model)`, `revert(model)`, `applied(model)`.
+
+- Attention: `varlen_attention` is registered with transformers' AttentionInterface (and a mask
+  function with AttentionMaskInterface) as "fasttune" and selected. It finds the samples of each
+  row from `cu_seq_lens_q` (transformers' padding-free path), else from `position_ids` restarting
+  at 0 and the padding mask, so a packed row never attends across samples and an ordinary batch
+  gets ordinary causal attention. Boundaries are found on the device without a host sync.
+  Calls it cannot take (a KV cache during generation, attention dropout) go to a plain masked
+  SDPA with the same semantics.
+- Loss: when `labels` (or `shift_labels`) are passed, the CausalLM's forward computes the loss with
+  `fused_linear_cross_entropy` from the last hidden states and returns `logits=None`, as
+  Liger-Kernel does. `num_items_in_batch` (from the HF Trainer) is honoured, and so is Gemma 2's
+  final logit softcap.
+Works on PEFT models (the LoRA-wrapped base model is patched) and on bitsandbytes 4-bit models.
+transformers is imported only when these functions are called.
+"""
+
+import contextlib
+import types
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .attention import varlen_attention
+from .cross_entropy import fused_linear_cross_entropy
+
+NAME = "fasttune"
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+_registered = False
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+
+def _mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                   attention_mask=None, **kwargs):
+    """Hand the 2D padding mask through untouched (no `.all()` check: that would sync)."""
+    return None if attention_mask is None else attention_mask[:, -kv_length:]
+
+
+def _cu_seqlens(B, S, position_ids, padding_mask, device):
+    """Sample boundaries of the flattened [B·S] tokens: a sample starts at each row's start, where
+    position_ids return to 0, and where the padding mask switches. Fixed size B·S + 1 on CUDA
+    (searchsorted, no sync; trailing empty samples cost nothing); exact on the CPU."""
+    starts = torch.zeros(B, S, dtype=torch.bool, device=device)
+    starts[:, 0] = True
+    if position_ids is not None and position_ids.shape[-1] == S:
+        starts |= position_ids.to(device).expand(B, S) == 0
+    if padding_mask is not None:
+        pm = padding_mask.to(device=device, dtype=torch.bool)
+        starts[:, 1:] |= pm[:, 1:] != pm[:, :-1]
+    flat = starts.reshape(-1)
+    if device.type == "cpu":
+        idx = flat.nonzero().squeeze(1)
+        return torch.cat([idx, torch.tensor([B * S], device=device)]).to(torch.int32)
+    sample = torch.cumsum(flat, 0, dtype=torch.int32) - 1  # sample index of each token
+    grid = torch.arange(B * S + 1, device=device, dtype=torch.int32)
+    return torch.searchsorted(sample, grid, out_int32=True)  # first token of sample j (T if none)
+
+
+def _fallback(query, key, value, padding_mask, scaling, softcap, window, dropout):
+    """Masked attention for calls varlen cannot take: causal with the cache offset, padding, window."""
+    B, Hq, S, D = query.shape
+    Sk = key.shape[2]
+    group = Hq // key.shape[1]
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    i = torch.arange(S, device=query.device)[:, None] + (Sk - S)
+    j = torch.arange(Sk, device=query.device)[None, :]
+    ok = j <= i
+    if window is not None:
+        ok = ok & (i - j < window)
+    ok = ok[None, None].expand(B, 1, S, Sk)
+    if padding_mask is not None:
+        ok = ok & padding_mask[:, None, None, -Sk:].to(torch.bool)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=ok, dropout_p=dropout, scale=scaling)
+    else:
+        scores = softcap * torch.tanh((query @ key.transpose(-1, -2)) * scaling / softcap)
+        probs = scores.masked_fill(~ok, float("-inf")).softmax(-1).to(value.dtype)
+        out = F.dropout(probs, dropout) @ value
+    return out.transpose(1, 2).contiguous()
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+               softcap=None, **kwargs):
+    """transformers attention function: query [B, Hq, S, D], key/value [B, Hkv, Sk, D] -> [B, S, Hq, D]."""
+    B, Hq, S, D = query.shape
+    scaling = D**-0.5 if scaling is None else scaling
+    padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+    if key.shape[2] != S or (dropout and module.training) or (attention_mask is not None and padding_mask is None):
+        return _fallback(query, key, value, padding_mask, scaling, softcap, sliding_window,
+                         dropout if module.training else 0.0), None
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        cu = _cu_seqlens(B, S, kwargs.get("position_ids"), padding_mask, query.device)
+    q = query.transpose(1, 2).reshape(B * S, Hq, D)
+    k = key.transpose(1, 2).reshape(B * S, key.shape[1], D)
+    v = value.transpose(1, 2).reshape(B * S, value.shape[1], D)
+    o = varlen_attention(q, k, v, cu, causal=True, softmax_scale=scaling, softcap=softcap, window=sliding_window)
+    return o.view(B, S, Hq, D), None
+
+
+def _register():
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(NAME, _attention)
+        AttentionMaskInterface.register(NAME, _mask_function)
+        _registered = True
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------
+
+
+def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                       inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    """The CausalLM forward with the fused loss; without labels it is the model's own forward."""
+    shift_labels = kwargs.pop("shift_labels", None)
+    if labels is None and shift_labels is None:
+        return self._fasttune_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                                      use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    num_items = kwargs.pop("num_items_in_batch", None)
+    out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    hidden = out.last_hidden_state
+    head = self.lm_head
+    if shift_labels is None:  # as transformers' ForCausalLMLoss: token t predicts label t + 1
+        shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    loss = fused_linear_cross_entropy(
+        hidden.to(head.weight.dtype), head.weight, shift_labels.to(hidden.device), bias=head.bias,
+        num_items=num_items, softcap=getattr(self.config, "final_logit_softcapping", None),
+    )
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
+                                  hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def _causal_lm(model):
+    """The transformers CausalLM inside `model` (itself, or the base model of a PEFT model)."""
+    inner = model
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return inner
+
+
+def apply(model, *, attention: bool = True, loss: bool = True):
+    """Make a transformers causal LM (or a PEFT model around one) use fasttune's kernels.
+
+    Llama, Mistral, Qwen2, Qwen3 and Gemma 2 are supported; any other model gets a warning and
+    is returned unchanged. Returns `model`. Undo with `revert(model)`, or scope with `applied`.
+    """
+    lm = _causal_lm(model)
+    model_type = getattr(getattr(lm, "config", None), "model_type", None)
+    if model_type not in SUPPORTED:
+        warnings.warn(f"fasttune.kernels.apply: model type {model_type!r} is not supported "
+                      f"(supported: {', '.join(SUPPORTED)}); the model is left as it was", stacklevel=2)
+        return model
+    if getattr(lm, "_fasttune_state", None) is not None:
+        return model
+    state = {"attn": lm.config._attn_implementation, "loss": False}
+    if attention:
+        _register()
+        lm.set_attn_implementation(NAME)
+    if loss:
+        head = getattr(lm, "lm_head", None)
+        if type(head) is torch.nn.Linear:
+            lm._fasttune_forward = lm.forward
+            lm.forward = types.MethodType(_causal_lm_forward, lm)
+            state["loss"] = True
+        else:
+            warnings.warn(f"fasttune.kernels.apply: lm_head is a {type(head).__name__}, not a plain Linear (is it "
+                          "adapted by LoRA or quantized?); the loss is left to the model", stacklevel=2)
+    lm._fasttune_state = state
+    return model
+
+
+def revert(model):
+    """Undo `apply`: the model's own attention implementation and forward come back."""
+    lm = _causal_lm(model)
+    state = getattr(lm, "_fasttune_state", None)
+    if state is None:
+        return model
+    if lm.config._attn_implementation == NAME:
+        lm.set_attn_implementation(state["attn"])
+    if state["loss"]:
+        del lm.forward, lm._fasttune_forward
+    lm._fasttune_state = None
+    return model
+
+
+@contextlib.contextmanager
+def applied(model, **kwargs):
+    """`with applied(model): ...` uses fasttune's kernels inside the block only."""
+    apply(model, **kwargs)
+    try:
+        yield model
+    finally:
+        revert(model)

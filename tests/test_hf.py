@@ -1,0 +1,167 @@
+"""fasttune.kernels.apply on real transformers models (tiny configs, random weights), PEFT and 4-bit.
+
+Each family runs through both backends: the PyTorch path and the Triton kernels (interpreted here).
+"""
+
+import warnings
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+import fasttune.kernels as K
+from reference import rel_err
+
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+FAMILIES = {
+    "llama": lambda: transformers.LlamaConfig(**COMMON),
+    "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=6),
+    "qwen2": lambda: transformers.Qwen2Config(**COMMON),
+    "qwen3": lambda: transformers.Qwen3Config(**COMMON, head_dim=16),
+    "gemma2": lambda: transformers.Gemma2Config(**COMMON, head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+                                                attn_logit_softcapping=20.0, final_logit_softcapping=5.0),
+}
+BACKENDS = ["torch", "triton"]
+
+
+def model_of(family, seed=0):
+    torch.manual_seed(seed)
+    impl = "eager" if family == "gemma2" else "sdpa"
+    return AutoModelForCausalLM.from_config(FAMILIES[family](), attn_implementation=impl).float()
+
+
+def param_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("FASTTUNE_BACKEND", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("via", ["position_ids", "cu_seq_lens"])
+def test_packed_equals_one_by_one(family, via, backend):
+    """A packed row of 3 samples: same per-sample losses and same gradients as 3 separate runs."""
+    model = K.apply(model_of(family))
+    lens = [7, 12, 5]
+    samples = [torch.randint(0, 97, (L,)) for L in lens]
+    n_items = sum(L - 1 for L in lens)
+
+    per_sample = []
+    for s in samples:
+        out = model(s[None], labels=s[None], num_items_in_batch=n_items)
+        out.loss.backward()
+        per_sample.append(out.loss.detach())
+    separate = param_grads(model)
+    model.zero_grad()
+
+    ids = torch.cat(samples)[None]
+    labels = torch.cat([torch.cat([torch.tensor([-100]), s[1:]]) for s in samples])[None]
+    pos = torch.cat([torch.arange(L) for L in lens])[None]
+    kw = {"position_ids": pos}
+    if via == "cu_seq_lens":
+        cu = torch.tensor([0, 7, 19, 24], dtype=torch.int32)
+        kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=12, max_length_k=12)
+    out = model(ids, labels=labels, num_items_in_batch=n_items, **kw)
+    assert out.logits is None
+    out.loss.backward()
+    packed = param_grads(model)
+    assert rel_err(out.loss, sum(per_sample)) < 1e-5
+    for name, g in separate.items():
+        assert rel_err(packed[name], g) < 1e-4, name
+
+    # per-sample losses from the packed run's hidden states
+    with torch.no_grad():
+        hidden = model.model(ids, **kw).last_hidden_state[0]
+        shifted = torch.cat([labels[0, 1:], torch.tensor([-100])])
+        tok = K.fused_linear_cross_entropy(hidden, model.lm_head.weight, shifted, reduction="none",
+                                           softcap=getattr(model.config, "final_logit_softcapping", None))
+        sums = torch.stack([p.sum() for p in tok.split(lens)]) / n_items
+    assert rel_err(sums, torch.stack(per_sample)) < 1e-5
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_patched_loss_equals_unpatched(family, backend):
+    """An ordinary padded batch: the patched model's loss and gradients are the model's own."""
+    model = model_of(family)
+    ids = torch.randint(0, 97, (2, 14))
+    mask = torch.ones(2, 14, dtype=torch.long)
+    mask[1, 10:] = 0  # right padding
+    labels = ids.masked_fill(mask == 0, -100)
+    ref = model(ids, attention_mask=mask, labels=labels)
+    ref.loss.backward()
+    want = param_grads(model)
+    model.zero_grad()
+    with K.applied(model):
+        got = model(ids, attention_mask=mask, labels=labels)
+        got.loss.backward()
+    assert rel_err(got.loss, ref.loss) < 1e-5
+    for name, g in want.items():
+        assert rel_err(param_grads(model)[name], g) < 1e-4, name
+
+
+def test_revert_and_generate():
+    model = model_of("llama")
+    ids = torch.randint(0, 97, (2, 6))
+    want = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    K.apply(model)
+    assert model.config._attn_implementation == "fasttune"
+    got = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)  # KV cache: the fallback path
+    assert torch.equal(got, want)
+    assert model(ids).logits is not None  # no labels: the model's own forward
+    K.revert(model)
+    assert model.config._attn_implementation == "sdpa" and "forward" not in vars(model)
+    assert model(ids, labels=ids).logits is not None
+
+
+def test_unsupported_model_is_left_alone():
+    model = AutoModelForCausalLM.from_config(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.warns(UserWarning, match="not supported"):
+        K.apply(model)
+    assert model.config._attn_implementation != "fasttune" and "forward" not in vars(model)
+
+
+def test_peft_lora_model(backend):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model_of("qwen2"), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    ids = torch.randint(0, 97, (2, 9))
+    ref = model(ids, labels=ids)
+    ref.loss.backward()
+    want = param_grads(model)
+    model.zero_grad()
+    K.apply(model)
+    got = model(ids, labels=ids)
+    got.loss.backward()
+    assert got.logits is None and rel_err(got.loss, ref.loss) < 1e-5
+    grads = param_grads(model)
+    assert want and all("lora_" in n for n in grads)
+    for name, g in want.items():
+        assert rel_err(grads[name], g) < 1e-4, name
+
+
+def test_bitsandbytes_4bit_with_lora(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig
+
+    model_of("llama").save_pretrained(tmp_path)
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb, device_map="cpu")
+    import bitsandbytes as bnb_lib
+
+    assert isinstance(base.model.layers[0].self_attn.q_proj, bnb_lib.nn.Linear4bit)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    ids = torch.randint(0, 97, (2, 8))
+    ref = model(ids, labels=ids).loss
+    K.apply(model)
+    got = model(ids, labels=ids)
+    got.loss.backward()
+    assert got.logits is None and rel_err(got.loss, ref) < 1e-5
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)

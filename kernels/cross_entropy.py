@@ -336,6 +336,11 @@ class _LinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, labels, weights, rows, n, reduction, o, grad_enabled):
         # needs_input_grad ignores no_grad (forward always runs with grad mode off), hence the flag.
+        with torch.autocast(h.device.type, enabled=False):  # keep the dtypes we were given
+            return _LinearCE._forward(ctx, h, w, b, labels, weights, rows, n, reduction, o, grad_enabled)
+
+    @staticmethod
+    def _forward(ctx, h, w, b, labels, weights, rows, n, reduction, o, grad_enabled):
         need_gh, need_gw, need_gb = (x and grad_enabled for x in ctx.needs_input_grad[:3])
         # mean/sum: every gradient now. none with a frozen head: dh now, its rows scaled later.
         if reduction != "none":

@@ -89,6 +89,10 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     """transformers attention function: query [B, Hq, S, D], key/value [B, Hkv, Sk, D] -> [B, S, Hq, D]."""
     B, Hq, S, D = query.shape
     scaling = D**-0.5 if scaling is None else scaling
+    # Under autocast q, k (after RoPE) and v can arrive in different dtypes: use autocast's.
+    dev = query.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else query.dtype
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
     if key.shape[2] != S or (dropout and module.training) or (attention_mask is not None and padding_mask is None):
         return _fallback(query, key, value, padding_mask, scaling, softcap, sliding_window,

@@ -197,8 +197,106 @@ def _loss_runner(loss_fn, h):
     return run
 
 
-CASES = {"fused_linear_cross_entropy": _flce_case, "dpo_loss": _dpo_case, "grpo_loss": _grpo_case}
-PEERS = {"torch_chunked", "torch_compile", "liger", "cce"}
+# ---- varlen attention ------------------------------------------------------------------------
+
+
+def sample_lengths(mix, total, g):
+    """Sample lengths filling `total` tokens: fixed 1024, uniform in [64, 4096], or SFT-like
+    (log-normal, median 300, capped at 4096). The last sample is cut to fit."""
+    lens = []
+    while sum(lens) < total:
+        if mix == "fixed":
+            L = 1024
+        elif mix == "uniform":
+            L = int(torch.randint(64, 4097, (1,), generator=g))
+        else:
+            L = min(4096, max(1, int(torch.exp(torch.randn(1, generator=g) * 0.9 + 5.7))))  # e^5.7 ≈ 300
+        lens.append(min(L, total - sum(lens)))
+    return lens
+
+
+def attention_flops(lens, Hq, D):
+    """Causal forward 4·L²·Hq·D/2 per sample, backward 2.5 × that."""
+    return sum(3.5 * 4 * L * L * Hq * D / 2 for L in lens)
+
+
+def _attention_case(provider, shape, dtype):
+    g = torch.Generator().manual_seed(0)
+    T, Hq, Hkv, D = shape["T"], shape["Hq"], shape["Hkv"], shape["D"]
+    lens = sample_lengths(shape["mix"], T, g)
+    dt = DTYPES[dtype]
+    q, k, v = (torch.randn(T, h, D, generator=g).to(device=device(), dtype=dt).requires_grad_() for h in (Hq, Hkv, Hkv))
+    cu_list = [0]
+    for L in lens:
+        cu_list.append(cu_list[-1] + L)
+    cu = torch.tensor(cu_list, dtype=torch.int32, device=device())
+    if provider == "fasttune":
+        from fasttune.kernels import varlen_attention
+
+        def fwd():
+            return varlen_attention(q, k, v, cu, max(lens))
+    elif provider == "per_sample":  # the plain loop: one SDPA call per sample
+        group = Hq // Hkv
+
+        def fwd():
+            outs = []
+            for s, e in zip(cu_list[:-1], cu_list[1:]):
+                qi, ki, vi = (x[s:e].transpose(0, 1) for x in (q, k, v))
+                ki, vi = ki.repeat_interleave(group, 0), vi.repeat_interleave(group, 0)
+                outs.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=True).transpose(0, 1))
+            return torch.cat(outs)
+    elif provider == "sdpa_padded":  # pad every sample to the longest, mask padding and the future
+        B, Lmax = len(lens), max(lens)
+        pos = torch.arange(Lmax, device=device())
+        valid = pos[None, :] < torch.tensor(lens, device=device())[:, None]
+        mask = (pos[None, :, None] >= pos[None, None, :]) & valid[:, None, :]  # [B, Lmax, Lmax]
+        idx = torch.cat([torch.arange(s, s + L) for s, L in zip(cu_list, lens)]).to(device())
+        where = valid.reshape(-1).nonzero().squeeze(1)
+
+        def fwd():
+            def pad(x):
+                out = x.new_zeros(B * Lmax, x.shape[1], D)
+                out[where] = x[idx]
+                return out.view(B, Lmax, x.shape[1], D).transpose(1, 2)
+            o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask[:, None], enable_gqa=True)
+            return o.transpose(1, 2).reshape(B * Lmax, Hq, D)[where]
+    elif provider == "varlen_attn":
+        _cuda_only("torch.nn.attention.varlen.varlen_attn")
+        from torch.nn.attention.varlen import varlen_attn
+
+        def fwd():
+            return varlen_attn(q, k, v, cu, cu, max(lens), max(lens), window_size=(-1, 0), enable_gqa=True)
+    elif provider == "flex":
+        _cuda_only("FlexAttention (compiled)")
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        doc = torch.repeat_interleave(torch.arange(len(lens), device=device()), torch.tensor(lens, device=device()))
+
+        def document_causal(b, h, qi, ki):
+            return (doc[qi] == doc[ki]) & (qi >= ki)
+
+        block_mask = create_block_mask(document_causal, 1, 1, T, T, device=device())
+        flex = torch.compile(flex_attention)
+
+        def fwd():
+            o = flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                     block_mask=block_mask, enable_gqa=True)
+            return o[0].transpose(0, 1)
+    else:
+        raise Unavailable(f"no provider {provider!r} for varlen_attention")
+    do = torch.randn(T, Hq, D, generator=g).to(device=device(), dtype=dt)
+
+    def run():
+        torch.autograd.backward(fwd(), do)
+        q.grad = k.grad = v.grad = None
+        sync()
+
+    return run
+
+
+CASES = {"fused_linear_cross_entropy": _flce_case, "dpo_loss": _dpo_case, "grpo_loss": _grpo_case,
+         "varlen_attention": _attention_case}
+PEERS = {"torch_chunked", "torch_compile", "liger", "cce", "varlen_attn", "flex"}
 
 
 def make_case(kernel, provider, shape, dtype):

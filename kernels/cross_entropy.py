@@ -262,11 +262,20 @@ def _rows(logits, grad, labels, weights, o: _Opts):
 # --------------------------------------------------------------------------------------------
 
 
+_FP32_OUT_GEMM = {"ok": True}  # does this torch's CUDA addmm take bf16/fp16 inputs with out_dtype=fp32?
+
+
 def _add_grad_weight(acc, g, h):
     """acc[V, H] (fp32) += g.T @ h without a [V, H] temporary wider than a block of rows."""
     if g.dtype == torch.float32:
         acc.addmm_(g.t(), h)
         return
+    if acc.device.type == "cuda" and _FP32_OUT_GEMM["ok"]:
+        try:  # one GEMM accumulating low-precision products straight into the fp32 accumulator
+            torch.addmm(acc, g.t(), h, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            _FP32_OUT_GEMM["ok"] = False
     step = max(1, (64 * 2**20) // (4 * h.shape[1]))  # ≤ 64 MiB of fp32 per block
     for v0 in range(0, acc.shape[0], step):
         acc[v0 : v0 + step] += (g[:, v0 : v0 + step].t() @ h).float()

@@ -61,25 +61,32 @@ def _cu_seqlens(B, S, position_ids, padding_mask, device):
     return torch.searchsorted(sample, grid, out_int32=True)  # first token of sample j (T if none)
 
 
-def _fallback(query, key, value, padding_mask, scaling, softcap, window, dropout):
-    """Masked attention for calls varlen cannot take: causal with the cache offset, padding, window."""
+def _fallback(query, key, value, mask, scaling, softcap, window, dropout):
+    """Masked attention for calls varlen cannot take: causal with the cache offset, padding, window.
+    A 4D `mask` (bool, or additive float) given by the caller is used as it is."""
     B, Hq, S, D = query.shape
     Sk = key.shape[2]
     group = Hq // key.shape[1]
     key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
-    i = torch.arange(S, device=query.device)[:, None] + (Sk - S)
-    j = torch.arange(Sk, device=query.device)[None, :]
-    ok = j <= i
-    if window is not None:
-        ok = ok & (i - j < window)
-    ok = ok[None, None].expand(B, 1, S, Sk)
-    if padding_mask is not None:
-        ok = ok & padding_mask[:, None, None, -Sk:].to(torch.bool)
+    if mask is not None and mask.dim() == 4:
+        ok = mask[..., -Sk:]
+        if ok.dtype != torch.bool:
+            ok = ok.to(query.dtype)
+    else:
+        i = torch.arange(S, device=query.device)[:, None] + (Sk - S)
+        j = torch.arange(Sk, device=query.device)[None, :]
+        ok = j <= i
+        if window is not None:
+            ok = ok & (i - j < window)
+        ok = ok[None, None].expand(B, 1, S, Sk)
+        if mask is not None:
+            ok = ok & mask[:, None, None, -Sk:].to(torch.bool)
     if softcap is None:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=ok, dropout_p=dropout, scale=scaling)
     else:
         scores = softcap * torch.tanh((query @ key.transpose(-1, -2)) * scaling / softcap)
-        probs = scores.masked_fill(~ok, float("-inf")).softmax(-1).to(value.dtype)
+        scores = scores.masked_fill(~ok, float("-inf")) if ok.dtype == torch.bool else scores + ok
+        probs = scores.softmax(-1).to(value.dtype)
         out = F.dropout(probs, dropout) @ value
     return out.transpose(1, 2).contiguous()
 
@@ -95,7 +102,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
     if key.shape[2] != S or (dropout and module.training) or (attention_mask is not None and padding_mask is None):
-        return _fallback(query, key, value, padding_mask, scaling, softcap, sliding_window,
+        return _fallback(query, key, value, attention_mask, scaling, softcap, sliding_window,
                          dropout if module.training else 0.0), None
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:

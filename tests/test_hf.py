@@ -165,3 +165,17 @@ def test_bitsandbytes_4bit_with_lora(tmp_path):
     got.loss.backward()
     assert got.logits is None and rel_err(got.loss, ref) < 1e-5
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_custom_4d_mask_is_honoured():
+    """A 4D mask given by the caller (here: block the first two keys) takes the fallback with that mask."""
+    model = model_of("llama")
+    ids = torch.randint(0, 97, (1, 8))
+    mask = torch.tril(torch.ones(8, 8, dtype=torch.bool))
+    mask[:, :2] = False
+    mask[:2, :2] = torch.eye(2, dtype=torch.bool)  # the first rows must see something
+    mask4d = mask[None, None]
+    want = model(ids, attention_mask=mask4d).logits
+    with K.applied(model):
+        got = model(ids, attention_mask=mask4d).logits
+    assert rel_err(got, want) < 1e-5

@@ -1,0 +1,246 @@
+"""Run configuration: TOML read into one dataclass per section, strictly.
+
+An unknown or misplaced key, a wrong type or a bad value is a `ConfigError` that names the file,
+the line, the key, and the nearest valid key. `--set section.key=value` overrides a key (the value
+is read as TOML, or taken as a string). `resolved_toml` writes the config back out as it was run.
+
+Sections: [model], [lora], [data], [train], [run]; a command adds its own ([dpo], [grpo]).
+"""
+
+import dataclasses
+import difflib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, with where it is and what to do about it."""
+
+
+def choice(default, *options, doc=""):
+    """A string field restricted to `options`."""
+    return field(default=default, metadata={"choices": options, "doc": doc})
+
+
+def doc(default, text, **kw):
+    if isinstance(default, (list, dict)):  # a fresh copy for each config
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": text, **kw})
+    return field(default=default, metadata={"doc": text, **kw})
+
+
+@dataclass
+class ModelConfig:
+    path: str = doc("builtin:tiny-llama", "local folder or hub id of a causal LM; builtin:tiny-llama needs no download")
+    adapter: str = doc("", "an existing PEFT adapter folder to start from")
+    finetune: str = choice("lora", "lora", "full", doc="train LoRA adapters, or every weight")
+    load_in_4bit: bool = doc(True, "QLoRA: the frozen base in bitsandbytes 4-bit")
+    bnb_4bit_quant_type: str = choice("nf4", "nf4", "fp4")
+    bnb_4bit_use_double_quant: bool = doc(True, "quantize the quantization constants too")
+    compute_dtype: str = choice("auto", "auto", "bf16", "fp16", "fp32", doc="auto: bf16 where supported, else fp32")
+    chat_template: str = doc("", "a Jinja chat template (inline, or a path to a file) replacing the tokenizer's")
+
+
+@dataclass
+class LoraSection:
+    r: int = doc(16, "rank")
+    alpha: int = doc(32, "scaling numerator (alpha / r, or alpha / sqrt(r) with rslora)")
+    dropout: float = doc(0.0, "dropout on the adapter input")
+    target_modules: Any = doc("all-linear", '"all-linear" or a list of module names')
+    rslora: bool = doc(False, "rank-stabilized scaling")
+
+
+@dataclass
+class DataConfig:
+    train: str = doc("", "JSON or JSONL file of examples")
+    eval: str = doc("", "optional held-out file, same format")
+    format: str = choice("auto", "auto", "alpaca", "sharegpt", "messages")
+    roles: dict = doc({}, 'map other role names onto system/user/assistant, e.g. {narrator = "assistant"}')
+    trainable_roles: list = doc([], "extra role names whose turns are trained")
+    max_seq_len: int = doc(1024, "tokens per example")
+    overlong: str = choice("truncate", "error", "drop", "truncate", doc="what happens to longer examples (always counted)")
+    packing: bool = doc(True, "pack examples into rows of micro_batch_size tokens (needs varlen attention)")
+    train_on: str = choice("assistant", "assistant", "last_assistant", "all", doc="which turns are trained")
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = doc(2e-4, "peak learning rate")
+    lr_scheduler: str = choice("cosine", "cosine", "linear", "constant")
+    warmup_steps: int = doc(10, "linear warmup steps")
+    epochs: float = doc(1.0, "passes over the data (ignored when max_steps > 0)")
+    max_steps: int = doc(0, "optimizer steps; 0: from epochs")
+    micro_batch_size: int = doc(2048, "tokens per row when packing, else sequences per micro-batch")
+    grad_accum: int = doc(1, "micro-batches per optimizer step")
+    gradient_checkpointing: bool = doc(False, "recompute activations in the backward")
+    optimizer: str = choice("adamw", "adamw", "adamw_8bit", "paged_adamw_8bit")
+    weight_decay: float = doc(0.0, "decoupled weight decay")
+    max_grad_norm: float = doc(1.0, "clip the global grad norm; 0: off")
+    seed: int = doc(42, "seed of weights init (builtin), data order and dropout")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = doc("runs/sft", "where the config, metrics, checkpoints and loss.png go")
+    log_every: int = doc(1, "steps between metrics lines")
+    eval_every: int = doc(0, "steps between evaluations; 0: at the end only (if an eval file is given)")
+    save_every: int = doc(50, "steps between checkpoints; the last step is always saved")
+    keep: int = doc(2, "checkpoints kept")
+    resume: str = doc("auto", '"auto" (the last complete checkpoint), "never", or a checkpoint folder')
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _line_of(text: str, section: str | None, key: str | None) -> int | None:
+    """1-based line of `key =` inside `[section]` (or of the section header) in TOML text."""
+    current = None
+    for i, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        m = re.match(r"^\[([^\[\]]+)\]", s)
+        if m:
+            current = m.group(1).strip()
+            if key is None and current == section:
+                return i
+            continue
+        if key is not None and current == section and re.match(rf"^{re.escape(key)}\s*=", s):
+            return i
+    return None
+
+
+def _sections(schema) -> dict[str, type]:
+    return {f.name: f.type if isinstance(f.type, type) else get_type_hints(schema)[f.name] for f in dataclasses.fields(schema)}
+
+
+def _check_type(value, hint, where):
+    origin = get_origin(hint) or hint
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin in (list, dict, str, int, float, bool):
+        if isinstance(value, bool) and origin is not bool:
+            raise ConfigError(f"{where} must be {origin.__name__}, got a boolean ({value!r})")
+        if not isinstance(value, origin):
+            raise ConfigError(f"{where} must be {origin.__name__}, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _suggest(name, options):
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(options))}"
+
+
+def parse_config(data: dict, schema=SFTConfig, text: str = "", source: str = "config"):
+    """Build `schema` from a parsed TOML dict, strictly."""
+
+    def where(section, key=None):
+        line = _line_of(text, section, key)
+        loc = f"{source}:{line}" if line else source
+        return f"{loc}: [{section}]" + (f" {key}" if key else "")
+
+    sections = _sections(schema)
+    all_keys = {k: s for s, cls in sections.items() for k in (f.name for f in dataclasses.fields(cls))}
+    built = {}
+    for name, value in data.items():
+        if name not in sections:
+            if name in all_keys:  # a key written at the top level
+                raise ConfigError(f"{source}:{_line_of(text, None, name) or '?'}: {name!r} belongs in "
+                                  f"[{all_keys[name]}]; move it there")
+            raise ConfigError(f"{source}: unknown section [{name}]" + _suggest(name, sections))
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table of keys")
+        cls = sections[name]
+        hints = get_type_hints(cls)
+        kwargs = {}
+        for key, v in value.items():
+            if key not in hints:
+                if key in all_keys and all_keys[key] != name:
+                    raise ConfigError(f"{where(name, key)} is not a [{name}] key: it belongs in [{all_keys[key]}]")
+                raise ConfigError(f"{where(name, key)} is not a known key" + _suggest(key, hints))
+            v = _check_type(v, hints[key], where(name, key))
+            options = next(f for f in dataclasses.fields(cls) if f.name == key).metadata.get("choices")
+            if options and v not in options:
+                raise ConfigError(f"{where(name, key)} = {v!r} is not one of {', '.join(map(repr, options))}"
+                                  + _suggest(str(v), options).replace("valid:", "choose from"))
+            kwargs[key] = v
+        built[name] = cls(**kwargs)
+    cfg = schema(**built)
+    _validate(cfg, where)
+    return cfg
+
+
+def _validate(cfg, where):
+    """Value checks a type cannot express."""
+    positive = [("train", "micro_batch_size"), ("train", "grad_accum"), ("data", "max_seq_len"), ("lora", "r"),
+                ("run", "keep"), ("run", "log_every")]
+    for section, key in positive:
+        obj = getattr(cfg, section, None)
+        if obj is not None and getattr(obj, key) < 1:
+            raise ConfigError(f"{where(section, key)} must be >= 1, got {getattr(obj, key)}")
+    for section, key in [("train", "learning_rate"), ("train", "max_grad_norm"), ("train", "weight_decay"),
+                         ("lora", "dropout"), ("train", "warmup_steps"), ("train", "max_steps")]:
+        obj = getattr(cfg, section, None)
+        if obj is not None and getattr(obj, key) < 0:
+            raise ConfigError(f"{where(section, key)} must be >= 0, got {getattr(obj, key)}")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings to a parsed TOML dict (value read as TOML, else a string)."""
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.learning_rate=1e-4")
+        dotted, raw = item.split("=", 1)
+        section, key = dotted.strip().split(".", 1)
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        data.setdefault(section, {})[key] = value
+    return data
+
+
+def load_config(path, overrides=None, schema=SFTConfig):
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse_config(apply_overrides(data, overrides), schema, text, str(path))
+
+
+def _toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def resolved_toml(cfg) -> str:
+    """The config as TOML, every key written out (what `output_dir/config.toml` holds)."""
+    out = []
+    for section in dataclasses.fields(cfg):
+        out.append(f"[{section.name}]")
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            out.append(f"{f.name} = {_toml_value(getattr(getattr(cfg, section.name), f.name))}")
+        out.append("")
+    return "\n".join(out)

@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 # Hugging Face's `kernels` package, which bitsandbytes and transformers import by that name.
 export PYTHONSAFEPATH := 1
 
-.PHONY: setup test bench gpu-wheels clean
+.PHONY: setup demo test bench gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fasttune sft examples/sft.toml
 
 test: $(STAMP)
 	$(VENV)/bin/pytest tests

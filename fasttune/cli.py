@@ -1,12 +1,17 @@
 """The `fasttune` command line.
 
-Commands so far: `fasttune env` prints what fasttune runs on (versions, device, kernel backend).
-The trainer commands (`sft`, `dpo`, `grpo`, `check`, `merge`) are not built yet.
+    fasttune sft CONFIG.toml [--set section.key=value ...]   train
+    fasttune check CONFIG.toml [--set ...]                   validate config and data, train nothing
+    fasttune merge RUN_DIR --out DIR [--dtype bf16]          merge the adapter into the base model
+    fasttune env                                             versions, device, kernel backend
+
+Mistakes in the config or the data print one clear line (file, line, key or example) and exit 2.
 """
 
 import argparse
 import platform
 import sys
+from pathlib import Path
 
 from fasttune import __version__
 
@@ -16,7 +21,7 @@ def _env(args) -> int:
 
     from fasttune.kernels._backend import HAS_TRITON, pick_backend
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"fasttune     {__version__}")
     print(f"python       {platform.python_version()}")
     print(f"torch        {torch.__version__}")
@@ -26,8 +31,91 @@ def _env(args) -> int:
         print(f"triton       {triton.__version__}")
     else:
         print("triton       not installed (kernels use the PyTorch path)")
-    print(f"device       {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
-    print(f"backend      {pick_backend(None, device)}")
+    print(f"device       {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}")
+    print(f"backend      {pick_backend(None, dev)}")
+    return 0
+
+
+def _sft(args) -> int:
+    from fasttune.config import load_config
+    from fasttune.train import train_sft
+
+    train_sft(load_config(args.config, args.set))
+    return 0
+
+
+def _marked(tok, ids, labels) -> str:
+    """The example's text with the trained spans between « and »."""
+    from fasttune.data import IGNORE
+
+    out, run, trained = [], [], None
+    for i, lab in zip(ids, labels):
+        t = lab != IGNORE
+        if trained is not None and t != trained:
+            text = tok.decode(run)
+            out.append(f"«{text}»" if trained else text)
+            run = []
+        run.append(i)
+        trained = t
+    if run:
+        text = tok.decode(run)
+        out.append(f"«{text}»" if trained else text)
+    return "".join(out)
+
+
+def _check(args) -> int:
+    from fasttune.config import load_config, resolved_toml
+    from fasttune.data import load_sft, packing_efficiency, packing_rows
+    from fasttune.models import load_tokenizer
+
+    cfg = load_config(args.config, args.set)
+    print(f"# {args.config}, resolved\n{resolved_toml(cfg)}")
+    tok = load_tokenizer(cfg.model)
+    for name in ("train", "eval"):
+        path = getattr(cfg.data, name)
+        if not path:
+            continue
+        examples, report = load_sft(path, tok, cfg.data)
+        print(f"[{name}] " + report.summary())
+        lengths = [len(e.input_ids) for e in examples]
+        if cfg.data.packing:
+            rows = packing_rows(lengths, cfg.train.micro_batch_size)
+            print(f"  packing: {len(rows)} rows of {cfg.train.micro_batch_size} tokens, "
+                  f"{100 * packing_efficiency(lengths, rows, cfg.train.micro_batch_size):.1f}% filled")
+        else:
+            print(f"  no packing: micro-batches of {cfg.train.micro_batch_size} sequences, padded to the longest")
+        if name == "train":
+            ex = examples[0]
+            print(f"  first example ({ex.where}), trained tokens between « and »:\n"
+                  + "\n".join("    " + line for line in _marked(tok, ex.input_ids, ex.labels).splitlines()))
+    print("ok: the config and the data are valid")
+    return 0
+
+
+def _merge(args) -> int:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fasttune import builtin, checkpoint
+    from fasttune.config import ConfigError, load_config
+    from fasttune.models import load_tokenizer
+
+    src = Path(args.run_dir)
+    ck = src if (src / checkpoint.STATE).is_file() else checkpoint.find(src, "auto")
+    if ck is None:
+        raise ConfigError(f"{src}: no complete checkpoint in {src / 'checkpoints'}")
+    run_dir = ck.parent.parent
+    cfg = load_config(run_dir / "config.toml")
+    if not (ck / "adapter_config.json").is_file():
+        raise ConfigError(f"{ck} holds a full fine-tune, not an adapter: it is already a complete model")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    base = AutoModelForCausalLM.from_pretrained(builtin.resolve(cfg.model.path), dtype=dtype)
+    merged = PeftModel.from_pretrained(base, ck).merge_and_unload()
+    out = Path(args.out)
+    merged.save_pretrained(out)
+    load_tokenizer(cfg.model).save_pretrained(out)
+    print(f"merged {ck} into {cfg.model.path} ({args.dtype}): {out}")
     return 0
 
 
@@ -35,12 +123,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fasttune", description="Kernel-accelerated post-training for LLMs.")
     parser.add_argument("--version", action="version", version=f"fasttune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, fn, text in (("sft", _sft, "supervised fine-tuning from a TOML config"),
+                           ("check", _check, "validate a config and its data without training")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("config", help="the run's TOML config")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config key (repeatable), e.g. --set train.max_steps=10")
+        p.set_defaults(func=fn)
+    p = sub.add_parser("merge", help="merge a run's LoRA adapter into its base model",
+                       description="merge a run's LoRA adapter (its last checkpoint, or the one given) into the base "
+                                   "model and save a Hugging Face model that transformers and vLLM load")
+    p.add_argument("run_dir", help="a run's output_dir, or one of its checkpoint folders")
+    p.add_argument("--out", required=True, help="folder for the merged model")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.set_defaults(func=_merge)
     sub.add_parser("env", help="print versions, device and the kernel backend in use").set_defaults(func=_env)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return args.func(args)
+    from fasttune.checkpoint import ResumeError
+    from fasttune.config import ConfigError
+    from fasttune.data import DataError
+    from fasttune.train import TrainingError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ResumeError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

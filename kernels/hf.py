@@ -148,7 +148,7 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     if shift_labels is None:  # as transformers' ForCausalLMLoss: token t predicts label t + 1
         shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
     loss = fused_linear_cross_entropy(
-        hidden.to(head.weight.dtype), head.weight, shift_labels.to(hidden.device), bias=head.bias,
+        hidden.to(head.weight.dtype), head.weight, shift_labels, bias=head.bias,  # host labels: no sync
         num_items=num_items, softcap=getattr(self.config, "final_logit_softcapping", None),
     )
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,

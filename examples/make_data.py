@@ -1,0 +1,57 @@
+"""Generate the shipped example datasets (deterministic): `python examples/make_data.py`.
+
+Small tasks with visible rules that a tiny model can pick up: reverse a word, upper-case a
+phrase, add two numbers, repeat a word. The same examples are written in Alpaca, ShareGPT and
+OpenAI-messages form.
+"""
+
+import json
+import random
+from pathlib import Path
+
+WORDS = ("apple river stone cloud piano tiger lemon candle forest rocket window garden silver orange "
+         "planet bridge castle dragon yellow summer winter butter marble copper shadow velvet").split()
+SYSTEM = "You are a precise assistant. Answer with the result only."
+
+
+def task(rng):
+    kind = rng.choice(["reverse", "upper", "add", "repeat"])
+    w = rng.choice(WORDS)
+    if kind == "reverse":
+        return "Reverse the letters of the word.", w, w[::-1]
+    if kind == "upper":
+        phrase = " ".join(rng.sample(WORDS, 2))
+        return "Write the phrase in capital letters.", phrase, phrase.upper()
+    if kind == "add":
+        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        return "Add the two numbers.", f"{a} + {b}", str(a + b)
+    return "Repeat the word three times.", w, " ".join([w] * 3)
+
+
+def main():
+    out = Path(__file__).parent / "data"
+    out.mkdir(exist_ok=True)
+    rng = random.Random(0)
+    alpaca = [dict(zip(("instruction", "input", "output"), task(rng))) for _ in range(320)]
+    train, held_out = alpaca[:300], alpaca[300:]
+    with open(out / "sft_alpaca.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in train)
+    with open(out / "sft_alpaca_eval.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in held_out)
+    sharegpt, messages = [], []
+    for _ in range(24):
+        turns = [task(rng) for _ in range(2)]
+        conv = [{"from": "system", "value": SYSTEM}]
+        msgs = [{"role": "system", "content": SYSTEM}]
+        for ins, inp, outp in turns:
+            conv += [{"from": "human", "value": f"{ins}\n\n{inp}"}, {"from": "gpt", "value": outp}]
+            msgs += [{"role": "user", "content": f"{ins}\n\n{inp}"}, {"role": "assistant", "content": outp}]
+        sharegpt.append({"conversations": conv})
+        messages.append({"messages": msgs})
+    (out / "sft_sharegpt.json").write_text(json.dumps(sharegpt, indent=1, ensure_ascii=False) + "\n")
+    with open(out / "sft_messages.jsonl", "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in messages)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Loading the model and tokenizer a run trains: QLoRA (4-bit NF4 base + LoRA), LoRA, or full.
+
+The model comes from a local folder, a hub id, or `builtin:<name>` (fasttune/builtin.py); then
+`fasttune.kernels.apply` makes its attention varlen and its loss fused.
+"""
+
+from pathlib import Path
+
+import torch
+
+from . import builtin
+from .config import ConfigError
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(name: str, dev: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def load_tokenizer(model_cfg):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(builtin.resolve(model_cfg.path))
+    if model_cfg.chat_template:
+        t = model_cfg.chat_template
+        tok.chat_template = Path(t).read_text() if len(t) < 4096 and Path(t).is_file() else t
+    if tok.chat_template is None:
+        raise ConfigError(f"the tokenizer of {model_cfg.path} has no chat template; set model.chat_template")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg, dev=None, *, trainable=True):
+    """The model of `cfg.model` and `cfg.lora` on `dev`, with fasttune's kernels applied."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    import fasttune.kernels
+
+    dev = dev or device()
+    m = cfg.model
+    dtype = compute_dtype(m.compute_dtype, dev)
+    path = builtin.resolve(m.path)
+    kwargs = {"dtype": dtype}
+    quantized = m.finetune == "lora" and m.load_in_4bit
+    if quantized:
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=m.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=m.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ConfigError(f"model.path = {m.path!r} could not be loaded: {e}") from None
+    if not quantized:
+        model.to(dev)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if m.finetune == "lora":
+        if m.adapter:
+            model = PeftModel.from_pretrained(model, m.adapter, is_trainable=trainable)
+        else:
+            lora = cfg.lora
+            model = get_peft_model(model, LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                use_rslora=lora.rslora, task_type="CAUSAL_LM",
+            ))
+    fasttune.kernels.apply(model)
+    return model

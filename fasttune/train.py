@@ -1,0 +1,234 @@
+"""The training loop shared by the trainer's commands, and SFT on top of it.
+
+One optimizer step: take `grad_accum` micro-batches, count the trained tokens of all of them
+(on the host), run each with that count as `num_items_in_batch` so the summed gradient is the
+mean over the whole accumulated batch, clip, step, schedule. Every `save_every` steps (and at the
+end) a checkpoint; every step a line of metrics.jsonl and the progress bar. A NaN or infinite
+loss stops the run before the optimizer touches the weights, so the last checkpoint stays good.
+"""
+
+import json
+import math
+import random
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .batches import epoch_plan, make_batch
+from .config import ConfigError, resolved_toml
+from .data import load_sft
+from .models import compute_dtype, device, load_model, load_tokenizer
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says why and what was kept."""
+
+
+def make_optimizer(params, t):
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.AdamW8bit if t.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+    return cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def make_scheduler(opt, t, total):
+    warm = min(t.warmup_steps, max(total - 1, 0))
+
+    def factor(step):
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        progress = (step - warm) / max(1, total - warm)
+        if t.lr_scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if t.lr_scheduler == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def peak_memory_mb(dev) -> float:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Stream:
+    """Endless micro-batches over the epochs, with a position that checkpoints can restore."""
+
+    def __init__(self, examples, cfg, pad_id, position=None):
+        self.examples, self.cfg, self.pad_id = examples, cfg, pad_id
+        self.lengths = [len(e.input_ids) for e in examples]
+        self.position = dict(position or {"epoch": 0, "index": 0})
+        self._plan_epoch, self._plan = None, None
+
+    def plan(self, epoch):
+        if self._plan_epoch != epoch:
+            d, t = self.cfg.data, self.cfg.train
+            self._plan = epoch_plan(self.lengths, packing=d.packing, micro_batch_size=t.micro_batch_size,
+                                    seed=t.seed, epoch=epoch)
+            self._plan_epoch = epoch
+        return self._plan
+
+    def next(self):
+        if self.position["index"] >= len(self.plan(self.position["epoch"])):
+            self.position = {"epoch": self.position["epoch"] + 1, "index": 0}
+        group = self.plan(self.position["epoch"])[self.position["index"]]
+        self.position["index"] += 1
+        return make_batch([self.examples[i] for i in group], self.cfg.data.packing, self.pad_id)
+
+
+def evaluate(model, examples, cfg, pad_id, dev, autocast) -> float:
+    """Mean loss per trained token over `examples`."""
+    lengths = [len(e.input_ids) for e in examples]
+    plan = epoch_plan(lengths, packing=cfg.data.packing, micro_batch_size=cfg.train.micro_batch_size, seed=0, epoch=0)
+    batches = [make_batch([examples[i] for i in g], cfg.data.packing, pad_id) for g in plan]
+    n = sum(b.trained for b in batches)
+    model.eval()
+    total = 0.0
+    with torch.no_grad(), autocast():
+        for b in batches:
+            total += float(model(**b.model_kwargs(dev), num_items_in_batch=n).loss)
+    model.train()
+    return total
+
+
+def plot_losses(metrics_path, png_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(metrics_path)]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
+    ev = [r for r in rows if "eval_loss" in r]
+    if ev:
+        ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+
+
+def _progress(total, initial, desc):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+
+def train_sft(cfg, log=print) -> dict:
+    """Train `cfg` (an SFTConfig); returns the summary."""
+    t = cfg.train
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: set it to a JSON or JSONL file of examples")
+    if cfg.data.packing and t.micro_batch_size < cfg.data.max_seq_len:
+        raise ConfigError(f"with data.packing, train.micro_batch_size is tokens per row and must be >= "
+                          f"data.max_seq_len ({t.micro_batch_size} < {cfg.data.max_seq_len})")
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    dev = device()
+    run_dir = Path(cfg.run.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    tok = load_tokenizer(cfg.model)
+    train_ex, report = load_sft(cfg.data.train, tok, cfg.data)
+    log(report.summary())
+    eval_ex = load_sft(cfg.data.eval, tok, cfg.data)[0] if cfg.data.eval else None
+    model = load_model(cfg, dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    log(f"model {cfg.model.path}: {sum(p.numel() for p in params):,} trainable parameters "
+        f"({cfg.model.finetune}{', 4-bit base' if cfg.model.finetune == 'lora' and cfg.model.load_in_4bit else ''}), "
+        f"on {dev.type}")
+    opt = make_optimizer(params, t)
+    stream = Stream(train_ex, cfg, tok.pad_token_id)
+    per_epoch = len(stream.plan(0))
+    total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
+    sched = make_scheduler(opt, t, total)
+    fp = checkpoint.fingerprint(cfg)
+
+    step = 0
+    ck = checkpoint.find(run_dir, cfg.run.resume)
+    if ck is not None:
+        state = checkpoint.load(ck, model, opt, sched, fp)
+        step, stream.position = state["step"], dict(state["position"])
+        log(f"resuming from {ck} at step {step}")
+    (run_dir / "config.toml").write_text(resolved_toml(cfg))
+    metrics_path = run_dir / "metrics.jsonl"
+    kept = [line for line in open(metrics_path)] if metrics_path.exists() and ck is not None else []
+    kept = [line for line in kept if json.loads(line)["step"] <= step]
+    metrics_path.write_text("".join(kept))
+
+    dtype = compute_dtype(cfg.model.compute_dtype, dev)
+    use_autocast = dev.type == "cuda" and dtype != torch.float32
+
+    def autocast():
+        return torch.autocast(dev.type, dtype=dtype, enabled=use_autocast)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    start, tokens_seen, last_loss = time.perf_counter(), 0, None
+    bar = _progress(total, step, "sft")
+    with open(metrics_path, "a") as metrics:
+        while step < total:
+            t0 = time.perf_counter()
+            batches = [stream.next() for _ in range(t.grad_accum)]
+            n_items = sum(b.trained for b in batches)
+            loss_sum = torch.zeros((), device=dev)
+            for b in batches:
+                with autocast():
+                    out = model(**b.model_kwargs(dev), num_items_in_batch=n_items)
+                out.loss.backward()
+                loss_sum += out.loss.detach()
+            loss = float(loss_sum)  # the one host sync of the step
+            if not math.isfinite(loss):
+                last = checkpoint.checkpoints(run_dir)
+                raise TrainingError(f"the loss is {loss} at step {step + 1}; stopped before the optimizer step. "
+                                    f"Last good checkpoint: {last[-1] if last else 'none'}. Try a lower "
+                                    "train.learning_rate or check the data")
+            norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - t0
+            tokens = sum(b.tokens for b in batches)
+            tokens_seen += tokens
+            row = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(float(norm), 6),
+                   "tokens_per_s": round(tokens / elapsed, 1), "trained_tokens": n_items,
+                   "peak_memory_mb": round(peak_memory_mb(dev), 1), "elapsed_s": round(time.perf_counter() - start, 2),
+                   "epoch": stream.position["epoch"]}
+            if eval_ex and ((cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == total):
+                row["eval_loss"] = round(evaluate(model, eval_ex, cfg, tok.pad_token_id, dev, autocast), 6)
+            if step % cfg.run.log_every == 0 or step == total or "eval_loss" in row:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                            mem=f"{row['peak_memory_mb']:.0f}MB")
+            bar.update(1)
+            last_loss = row
+            if step % cfg.run.save_every == 0 or step == total:
+                checkpoint.save(run_dir, step, model, opt, sched, stream.position, fp, cfg.run.keep)
+    bar.close()
+    if metrics_path.stat().st_size:
+        plot_losses(metrics_path, run_dir / "loss.png")
+    first = json.loads(open(metrics_path).readline()) if metrics_path.stat().st_size else None
+    summary = {"steps": step, "first_loss": first and first["loss"], "last_loss": last_loss and last_loss["loss"],
+               "eval_loss": last_loss and last_loss.get("eval_loss"), "tokens": tokens_seen,
+               "seconds": round(time.perf_counter() - start, 1), "peak_memory_mb": round(peak_memory_mb(dev), 1),
+               "output_dir": str(run_dir)}
+    log(f"done: {summary['steps']} steps, loss {summary['first_loss']} -> {summary['last_loss']}"
+        + (f", eval loss {summary['eval_loss']}" if summary["eval_loss"] is not None else "")
+        + f"; {summary['tokens']:,} tokens in {summary['seconds']}s; peak memory {summary['peak_memory_mb']:.0f} MB; "
+        f"adapter and checkpoints in {run_dir}")
+    return summary

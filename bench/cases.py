@@ -294,8 +294,42 @@ def _attention_case(provider, shape, dtype):
     return run
 
 
+# ---- the trainer: `make demo`'s run -------------------------------------------------------------
+
+LAST_RUN = {}
+
+
+def _sft_demo_case(provider, shape, dtype):
+    """`fasttune sft examples/sft.toml` for `steps` steps, in a fresh process and folder each call;
+    LAST_RUN gets the run's own tokens/s and peak memory (its metrics.jsonl)."""
+    if provider != "fasttune":
+        raise Unavailable(f"no provider {provider!r} for the SFT demo (the HF + PEFT comparison is GPU-only, not built)")
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def run():
+        out = Path(tempfile.mkdtemp(prefix="fasttune-bench-sft-"))
+        cmd = [sys.executable, "-m", "fasttune.cli", "sft", str(root / "examples/sft.toml"),
+               "--set", f'run.output_dir="{out}"', "--set", f"train.max_steps={shape['steps']}",
+               "--set", f'data.train="{root}/examples/data/sft_alpaca.jsonl"', "--set", 'data.eval=""',
+               "--set", f"run.save_every={shape['steps']}"]
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
+        rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        tokens = sum(r["tokens_per_s"] for r in rows) / len(rows)  # mean of the steps' own rates
+        LAST_RUN.update(tokens_per_s=tokens, peak_mb=max(r["peak_memory_mb"] for r in rows),
+                        first_loss=rows[0]["loss"], last_loss=rows[-1]["loss"])
+
+    return run
+
+
 CASES = {"fused_linear_cross_entropy": _flce_case, "dpo_loss": _dpo_case, "grpo_loss": _grpo_case,
-         "varlen_attention": _attention_case}
+         "varlen_attention": _attention_case, "sft_demo": _sft_demo_case}
 PEERS = {"torch_chunked", "torch_compile", "liger", "cce", "varlen_attn", "flex"}
 
 

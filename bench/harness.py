@@ -157,7 +157,7 @@ def save(results: list[Result], path: Path | None = None) -> Path:
     return path
 
 
-def bench_case(benchmark, recorder, kernel, provider, shape, dtype, *, tokens, flops, rounds=None):
+def bench_case(benchmark, recorder, kernel, provider, shape, dtype, *, tokens, flops, rounds=None, memory=True):
     """Time one case with pytest-benchmark, measure its memory, record both. Skips if unavailable."""
     import pytest
 
@@ -183,7 +183,7 @@ def bench_case(benchmark, recorder, kernel, provider, shape, dtype, *, tokens, f
     res.median_s, res.min_s, res.rounds = stats.median, stats.min, rounds
     res.tokens_per_s = tokens / stats.median
     res.tflops = flops / stats.median / 1e12
-    res.peak_bytes = peak_memory(kernel, provider, shape, dtype, run=run)
+    res.peak_bytes = peak_memory(kernel, provider, shape, dtype, run=run) if memory else None
     del run
     benchmark.extra_info.update(peak_bytes=res.peak_bytes, tokens_per_s=res.tokens_per_s, tflops=res.tflops)
     recorder.append(res)

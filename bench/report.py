@@ -26,6 +26,10 @@ def _time(s):
     return "–" if s is None else f"{s * 1e3:,.1f} ms"
 
 
+def _num(x, fmt):
+    return "–" if not x else format(x, fmt)
+
+
 def _ratio(a, b):
     return "–" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
@@ -40,7 +44,8 @@ def tables(data: dict) -> str:
     for (kernel, shape, dtype), rows in groups.items():
         ours = next((r for r in rows if r["provider"] == "fasttune" and not r["skipped"]), None)
         shape_s = ", ".join(f"{k}={v}" for k, v in json.loads(shape).items())
-        out += ["", f"**{kernel}** ({shape_s}, {dtype}, forward + backward)", "",
+        what = "the whole command" if kernel == "sft_demo" else "forward + backward"
+        out += ["", f"**{kernel}** ({shape_s}, {dtype}, {what})", "",
                 "| provider | median time | peak memory | tokens/s | TFLOP/s | fasttune time ÷ this | fasttune memory ÷ this |",
                 "|---|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
@@ -49,7 +54,7 @@ def tables(data: dict) -> str:
                 continue
             out.append(
                 f"| {r['provider']} | {_time(r['median_s'])} | {_mib(r['peak_bytes'])} | "
-                f"{r['tokens_per_s']:,.0f} | {r['tflops']:.2f} | "
+                f"{_num(r['tokens_per_s'], ',.0f')} | {_num(r['tflops'], '.2f')} | "
                 f"{_ratio(ours and ours['median_s'], r['median_s'])} | {_ratio(ours and ours['peak_bytes'], r['peak_bytes'])} |"
             )
     return "\n".join(out)

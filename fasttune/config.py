@@ -244,3 +244,23 @@ def resolved_toml(cfg) -> str:
             out.append(f"{f.name} = {_toml_value(getattr(getattr(cfg, section.name), f.name))}")
         out.append("")
     return "\n".join(out)
+
+
+def reference_markdown(schema=SFTConfig) -> str:
+    """The configuration reference (the README's tables), from the dataclasses' own docs."""
+    out = []
+    for section in dataclasses.fields(schema):
+        cls = section.default_factory
+        out += [f"**[{section.name}]**", "", "| key | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            meaning = f.metadata.get("doc", "")
+            if f.metadata.get("choices"):
+                meaning = (meaning + "; " if meaning else "") + "one of " + ", ".join(f"`{c}`" for c in f.metadata["choices"])
+            out.append(f"| `{f.name}` | `{_toml_value(default)}` | {meaning} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # python -m fasttune.config: print the reference
+    print(reference_markdown())

@@ -74,3 +74,13 @@ def test_resolved_round_trip(tmp_path):
     cfg = load_config(write(tmp_path, '[data]\nroles = { narrator = "assistant" }\ntrainable_roles = ["narrator"]\n'))
     again = parse_config(tomllib.loads(resolved_toml(cfg)))
     assert again == cfg
+
+
+def test_readme_reference_is_current():
+    """The README's configuration tables are generated from the config's own docs: keep them in sync."""
+    from pathlib import Path
+
+    from fasttune.config import reference_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert reference_markdown() in readme, "run: python -m fasttune.config and paste it into the README"

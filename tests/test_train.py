@@ -1,6 +1,7 @@
 """The SFT trainer end to end on the built-in tiny model (CPU): training, batching, resume, errors, merge."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -194,3 +195,18 @@ def test_merge_gives_the_adapter_models_logits(tmp_path):
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, adapter(ids).logits, atol=1e-5)
     assert (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("option", [{"train": {"optimizer": "adamw_8bit"}}, {"train": {"optimizer": "paged_adamw_8bit"}},
+                                    {"model": {"finetune": "full"}}, {"train": {"gradient_checkpointing": True}},
+                                    {"data": {"packing": False}, "train": {"micro_batch_size": 4}},
+                                    {"train": {"lr_scheduler": "linear"}}, {"lora": {"rslora": True, "dropout": 0.1}}],
+                         ids=["adamw_8bit", "paged_adamw_8bit", "full", "grad_ckpt", "padded", "linear", "rslora"])
+def test_training_options(tmp_path, option):
+    cfg = config(tmp_path, **{k: dict(v, **({"max_steps": 3} if k == "train" else {})) for k, v in option.items()},
+                 **({} if "train" in option else {"train": {"max_steps": 3}}))
+    summary = train_sft(cfg, log=lambda *_: None)
+    assert summary["steps"] == 3 and math.isfinite(summary["last_loss"])
+    again = train_sft(config(tmp_path, **{k: dict(v, **({"max_steps": 4} if k == "train" else {})) for k, v in option.items()},
+                             **({} if "train" in option else {"train": {"max_steps": 4}})), log=lambda *_: None)
+    assert again["steps"] == 4  # resumed from step 3's checkpoint

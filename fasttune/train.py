@@ -19,7 +19,7 @@ import torch
 from . import checkpoint
 from .batches import epoch_plan, make_batch
 from .config import ConfigError, resolved_toml
-from .data import load_sft
+from .data import load_sft, packing_efficiency
 from .models import compute_dtype, device, load_model, load_tokenizer
 
 
@@ -151,6 +151,9 @@ def train_sft(cfg, log=print) -> dict:
     opt = make_optimizer(params, t)
     stream = Stream(train_ex, cfg, tok.pad_token_id)
     per_epoch = len(stream.plan(0))
+    if cfg.data.packing:
+        log(f"packing: {per_epoch} rows of {t.micro_batch_size} tokens per epoch, "
+            f"{100 * packing_efficiency(stream.lengths, stream.plan(0), t.micro_batch_size):.1f}% filled")
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
     sched = make_scheduler(opt, t, total)
     fp = checkpoint.fingerprint(cfg)

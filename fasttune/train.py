@@ -125,14 +125,45 @@ def _progress(total, initial, desc):
     return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
 
 
+class SFTTask:
+    """SFT on the shared loop: packed (or padded) rows, loss normalized by trained tokens."""
+
+    name = "sft"
+
+    def __init__(self, cfg, tok, log):
+        self.cfg, self.tok = cfg, tok
+        if not cfg.data.train:
+            raise ConfigError("data.train is empty: set it to a JSON or JSONL file of examples")
+        if cfg.data.packing and cfg.train.micro_batch_size < cfg.data.max_seq_len:
+            raise ConfigError(f"with data.packing, train.micro_batch_size is tokens per row and must be >= "
+                              f"data.max_seq_len ({cfg.train.micro_batch_size} < {cfg.data.max_seq_len})")
+        examples, report = load_sft(cfg.data.train, tok, cfg.data)
+        log(report.summary())
+        self.eval_examples = load_sft(cfg.data.eval, tok, cfg.data)[0] if cfg.data.eval else None
+        self.stream = Stream(examples, cfg, tok.pad_token_id)
+        if cfg.data.packing:
+            rows = self.stream.plan(0)
+            log(f"packing: {len(rows)} rows of {cfg.train.micro_batch_size} tokens per epoch, "
+                f"{100 * packing_efficiency(self.stream.lengths, rows, cfg.train.micro_batch_size):.1f}% filled")
+
+    def count(self, batch):
+        return batch.trained
+
+    def loss(self, model, batch, n_items, dev):
+        return model(**batch.model_kwargs(dev), num_items_in_batch=n_items).loss, {}
+
+    def evaluate(self, model, dev, autocast):
+        return evaluate(model, self.eval_examples, self.cfg, self.tok.pad_token_id, dev, autocast) if self.eval_examples else None
+
+
 def train_sft(cfg, log=print) -> dict:
     """Train `cfg` (an SFTConfig); returns the summary."""
+    return train(cfg, SFTTask, log)
+
+
+def train(cfg, task_cls, log=print) -> dict:
+    """The shared loop: `task_cls(cfg, tokenizer, log)` supplies the batches, their count and the loss."""
     t = cfg.train
-    if not cfg.data.train:
-        raise ConfigError("data.train is empty: set it to a JSON or JSONL file of examples")
-    if cfg.data.packing and t.micro_batch_size < cfg.data.max_seq_len:
-        raise ConfigError(f"with data.packing, train.micro_batch_size is tokens per row and must be >= "
-                          f"data.max_seq_len ({t.micro_batch_size} < {cfg.data.max_seq_len})")
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     dev = device()
@@ -140,20 +171,17 @@ def train_sft(cfg, log=print) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     tok = load_tokenizer(cfg.model)
-    train_ex, report = load_sft(cfg.data.train, tok, cfg.data)
-    log(report.summary())
-    eval_ex = load_sft(cfg.data.eval, tok, cfg.data)[0] if cfg.data.eval else None
+    task = task_cls(cfg, tok, log)
     model = load_model(cfg, dev)
+    if hasattr(task, "setup"):
+        task.setup(model, dev, run_dir)
     params = [p for p in model.parameters() if p.requires_grad]
     log(f"model {cfg.model.path}: {sum(p.numel() for p in params):,} trainable parameters "
         f"({cfg.model.finetune}{', 4-bit base' if cfg.model.finetune == 'lora' and cfg.model.load_in_4bit else ''}), "
         f"on {dev.type}")
     opt = make_optimizer(params, t)
-    stream = Stream(train_ex, cfg, tok.pad_token_id)
+    stream = task.stream
     per_epoch = len(stream.plan(0))
-    if cfg.data.packing:
-        log(f"packing: {per_epoch} rows of {t.micro_batch_size} tokens per epoch, "
-            f"{100 * packing_efficiency(stream.lengths, stream.plan(0), t.micro_batch_size):.1f}% filled")
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
     sched = make_scheduler(opt, t, total)
     fp = checkpoint.fingerprint(cfg)
@@ -179,19 +207,22 @@ def train_sft(cfg, log=print) -> dict:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model.train()
-    start, tokens_seen, last_loss = time.perf_counter(), 0, None
-    bar = _progress(total, step, "sft")
+    start, tokens_seen, last_row = time.perf_counter(), 0, None
+    bar = _progress(total, step, task.name)
     with open(metrics_path, "a") as metrics:
         while step < total:
             t0 = time.perf_counter()
             batches = [stream.next() for _ in range(t.grad_accum)]
-            n_items = sum(b.trained for b in batches)
+            n_items = sum(task.count(b) for b in batches)
             loss_sum = torch.zeros((), device=dev)
+            extra = {}
             for b in batches:
                 with autocast():
-                    out = model(**b.model_kwargs(dev), num_items_in_batch=n_items)
-                out.loss.backward()
-                loss_sum += out.loss.detach()
+                    loss, stats = task.loss(model, b, n_items, dev)
+                loss.backward()
+                loss_sum += loss.detach()
+                for k, v in stats.items():  # per-micro-batch means, weighted by the micro-batch's count
+                    extra[k] = extra.get(k, 0.0) + float(v) * task.count(b) / n_items
             loss = float(loss_sum)  # the one host sync of the step
             if not math.isfinite(loss):
                 last = checkpoint.checkpoints(run_dir)
@@ -208,28 +239,31 @@ def train_sft(cfg, log=print) -> dict:
             tokens = sum(b.tokens for b in batches)
             tokens_seen += tokens
             row = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(float(norm), 6),
-                   "tokens_per_s": round(tokens / elapsed, 1), "trained_tokens": n_items,
+                   "tokens_per_s": round(tokens / elapsed, 1), "trained_tokens": sum(b.trained for b in batches),
                    "peak_memory_mb": round(peak_memory_mb(dev), 1), "elapsed_s": round(time.perf_counter() - start, 2),
-                   "epoch": stream.position["epoch"]}
-            if eval_ex and ((cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == total):
-                row["eval_loss"] = round(evaluate(model, eval_ex, cfg, tok.pad_token_id, dev, autocast), 6)
+                   "epoch": stream.position["epoch"], **{k: round(v, 6) for k, v in extra.items()}}
+            if (cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == total:
+                ev = task.evaluate(model, dev, autocast)
+                if ev is not None:
+                    row["eval_loss"] = round(ev, 6)
             if step % cfg.run.log_every == 0 or step == total or "eval_loss" in row:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
+            shown = {k: f"{extra[k]:.3f}" for k in list(extra)[:2]}
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
-                            mem=f"{row['peak_memory_mb']:.0f}MB")
+                            mem=f"{row['peak_memory_mb']:.0f}MB", **shown)
             bar.update(1)
-            last_loss = row
+            last_row = row
             if step % cfg.run.save_every == 0 or step == total:
                 checkpoint.save(run_dir, step, model, opt, sched, stream.position, fp, cfg.run.keep)
     bar.close()
     if metrics_path.stat().st_size:
         plot_losses(metrics_path, run_dir / "loss.png")
     first = json.loads(open(metrics_path).readline()) if metrics_path.stat().st_size else None
-    summary = {"steps": step, "first_loss": first and first["loss"], "last_loss": last_loss and last_loss["loss"],
-               "eval_loss": last_loss and last_loss.get("eval_loss"), "tokens": tokens_seen,
+    summary = {"steps": step, "first_loss": first and first["loss"], "last_loss": last_row and last_row["loss"],
+               "eval_loss": last_row and last_row.get("eval_loss"), "tokens": tokens_seen,
                "seconds": round(time.perf_counter() - start, 1), "peak_memory_mb": round(peak_memory_mb(dev), 1),
-               "output_dir": str(run_dir)}
+               "output_dir": str(run_dir), "last": last_row}
     log(f"done: {summary['steps']} steps, loss {summary['first_loss']} -> {summary['last_loss']}"
         + (f", eval loss {summary['eval_loss']}" if summary["eval_loss"] is not None else "")
         + f"; {summary['tokens']:,} tokens in {summary['seconds']}s; peak memory {summary['peak_memory_mb']:.0f} MB; "

@@ -328,8 +328,59 @@ def _sft_demo_case(provider, shape, dtype):
     return run
 
 
+def _dpo_step_case(provider, shape, dtype):
+    """One DPO forward + backward of examples/dpo.toml's micro-batch (8 pairs) on the built-in tiny
+    Llama with LoRA: fasttune's task, or the plain way (full logits for policy and reference)."""
+    import json as _json
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    from fasttune.config import DPOConfig, load_config
+    from fasttune.dpo import DPOTask
+    from fasttune.models import load_model, load_tokenizer
+
+    if provider not in ("fasttune", "naive"):
+        raise Unavailable(f"no provider {provider!r} for the DPO step")
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "examples/dpo.toml", [f"data.train={_json.dumps(str(root / 'examples/data/dpo_pairs.jsonl'))}",
+                                                   'data.eval=""', f"model.load_in_4bit={str(shape['4bit']).lower()}"],
+                      schema=DPOConfig)
+    tok = load_tokenizer(cfg.model)
+    task = DPOTask(cfg, tok, lambda *_: None)
+    model = load_model(cfg, device())
+    batch = task.batch(task.pairs, list(range(shape["pairs"])))
+    B, dev = shape["pairs"], device()
+    LAST_RUN["dpo_tokens"] = batch.tokens
+
+    if provider == "fasttune":
+        def step():
+            task.loss(model, batch, B, dev)[0].backward()
+    else:
+        y = batch.shift_labels.to(dev)
+        mask = y != -100
+
+        def seq_logps():
+            logits = model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev)).logits.float()
+            return (logits.log_softmax(-1).gather(-1, y.clamp_min(0)[..., None])[..., 0] * mask).sum(-1)
+
+        def step():
+            with torch.no_grad(), model.disable_adapter():
+                ref = seq_logps()
+            pi = seq_logps()
+            lg = (pi[:B] - ref[:B]) - (pi[B:] - ref[B:])
+            (-F.logsigmoid(0.1 * lg).mean()).backward()
+
+    def run():
+        step()
+        model.zero_grad(set_to_none=True)
+        sync()
+
+    return run
+
+
 CASES = {"fused_linear_cross_entropy": _flce_case, "dpo_loss": _dpo_case, "grpo_loss": _grpo_case,
-         "varlen_attention": _attention_case, "sft_demo": _sft_demo_case}
+         "varlen_attention": _attention_case, "sft_demo": _sft_demo_case, "dpo_step": _dpo_step_case}
 PEERS = {"torch_chunked", "torch_compile", "liger", "cce", "varlen_attn", "flex"}
 
 

@@ -6,6 +6,8 @@ The GPU comparison the issue asks for (a Llama-3-8B-shaped QLoRA against transfo
 bitsandbytes with SDPA and padded batches) is not built yet.
 """
 
+import pytest
+
 import cases
 from harness import bench_case
 
@@ -18,3 +20,17 @@ def test_sft_demo(benchmark, recorder):
     run = cases.LAST_RUN
     res.tokens_per_s, res.tflops, res.peak_bytes = run["tokens_per_s"], None, int(run["peak_mb"] * 2**20)
     res.extra = {"first_loss": run["first_loss"], "last_loss": run["last_loss"]}
+
+
+
+
+DPO = {"pairs": 8, "4bit": True}
+
+
+@pytest.mark.parametrize("provider", ["naive", "fasttune"])
+def test_dpo_step(benchmark, recorder, provider):
+    """A DPO forward + backward of the example's micro-batch (8 pairs, QLoRA) against the plain way (full
+    logits for policy and reference). The tiny model's vocabulary is 260, so this measures the trainer's
+    path, not the fused head's memory saving, which grows with the vocabulary (see dpo_loss above)."""
+    res = bench_case(benchmark, recorder, "dpo_step", provider, DPO, "fp32", tokens=1, flops=0)
+    res.tokens_per_s, res.tflops = cases.LAST_RUN["dpo_tokens"] / res.median_s, None

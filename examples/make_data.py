@@ -53,5 +53,35 @@ def main():
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in messages)
 
 
+def preference():
+    """DPO pairs with a visible rule: the chosen answer is right and ends with "!", the rejected one
+    is the same answer ending with "." (a tiny model can learn to prefer it)."""
+    out = Path(__file__).parent / "data"
+    rng = random.Random(1)
+    pairs = []
+    for _ in range(320):
+        ins, inp, ans = task(rng)
+        pairs.append({"prompt": f"{ins}\n\n{inp}", "chosen": ans + "!", "rejected": ans + "."})
+    with open(out / "dpo_pairs.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in pairs[:300])
+    with open(out / "dpo_pairs_eval.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in pairs[300:])
+    sharegpt, openai = [], []
+    for _ in range(24):
+        (i1, x1, a1), (i2, x2, a2) = task(rng), task(rng)
+        sharegpt.append({"conversations": [
+            {"from": "human", "value": f"{i1}\n\n{x1}"},
+            {"from": "gpt", "value": a1 + "!", "label": "chosen"}, {"from": "gpt", "value": a1 + ".", "label": "rejected"},
+            {"from": "human", "value": f"{i2}\n\n{x2}"},
+            {"from": "gpt", "value": a2 + "!", "label": "chosen"}, {"from": "gpt", "value": a2 + ".", "label": "rejected"}]})
+        openai.append({"input": {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{i1}\n\n{x1}"}]},
+                       "preferred_output": [{"role": "assistant", "content": a1 + "!"}],
+                       "non_preferred_output": [{"role": "assistant", "content": a1 + "."}]})
+    (out / "dpo_sharegpt.json").write_text(json.dumps(sharegpt, indent=1) + "\n")
+    with open(out / "dpo_openai.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in openai)
+
+
 if __name__ == "__main__":
     main()
+    preference()

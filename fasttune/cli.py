@@ -1,6 +1,7 @@
 """The `fasttune` command line.
 
-    fasttune sft CONFIG.toml [--set section.key=value ...]   train
+    fasttune sft CONFIG.toml [--set section.key=value ...]   supervised fine-tuning
+    fasttune dpo CONFIG.toml [--set ...]                     preference training (DPO)
     fasttune check CONFIG.toml [--set ...]                   validate config and data, train nothing
     fasttune merge RUN_DIR --out DIR [--dtype bf16]          merge the adapter into the base model
     fasttune env                                             versions, device, kernel backend
@@ -37,10 +38,18 @@ def _env(args) -> int:
 
 
 def _sft(args) -> int:
-    from fasttune.config import load_config
+    from fasttune.config import SFTConfig, load_config
     from fasttune.train import train_sft
 
-    train_sft(load_config(args.config, args.set))
+    train_sft(load_config(args.config, args.set, schema=SFTConfig))
+    return 0
+
+
+def _dpo(args) -> int:
+    from fasttune.config import DPOConfig, load_config
+    from fasttune.dpo import train_dpo
+
+    train_dpo(load_config(args.config, args.set, schema=DPOConfig))
     return 0
 
 
@@ -71,6 +80,20 @@ def _check(args) -> int:
     cfg = load_config(args.config, args.set)
     print(f"# {args.config}, resolved\n{resolved_toml(cfg)}")
     tok = load_tokenizer(cfg.model)
+    if hasattr(cfg, "dpo"):
+        from fasttune.preference import load_pairs
+
+        for name in ("train", "eval"):
+            if getattr(cfg.data, name):
+                pairs, report = load_pairs(getattr(cfg.data, name), tok, cfg.data, cfg.dpo)
+                print(f"[{name}] " + report.summary())
+                if name == "train":
+                    p = pairs[0]
+                    print(f"  first pair ({p.where}), trained tokens between « and »:\n    chosen:   "
+                          + _marked(tok, p.chosen.input_ids, p.chosen.labels).replace("\n", "\n              ")
+                          + "\n    rejected: " + _marked(tok, p.rejected.input_ids, p.rejected.labels).replace("\n", "\n              "))
+        print("ok: the config and the data are valid")
+        return 0
     for name in ("train", "eval"):
         path = getattr(cfg.data, name)
         if not path:
@@ -124,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"fasttune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, fn, text in (("sft", _sft, "supervised fine-tuning from a TOML config"),
+                           ("dpo", _dpo, "preference training (DPO) from a TOML config with a [dpo] section"),
                            ("check", _check, "validate a config and its data without training")):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("config", help="the run's TOML config")

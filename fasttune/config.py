@@ -100,6 +100,42 @@ class SFTConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+from fasttune.kernels.dpo import LOSS_TYPES as DPO_LOSS_TYPES  # noqa: E402 - light import
+
+
+@dataclass
+class PrefDataConfig:
+    train: str = doc("", "JSON or JSONL file of preference pairs")
+    eval: str = doc("", "optional held-out pairs, same format")
+    format: str = choice("auto", "auto", "prompt_chosen_rejected", "sharegpt", "openai")
+    roles: dict = doc({}, "map other role names onto system/user/assistant")
+    overlong: str = choice("truncate", "error", "drop", "truncate",
+                           doc="pairs over dpo.max_len or dpo.max_prompt_len (always counted)")
+
+
+@dataclass
+class DPOSection:
+    beta: float = doc(0.1, "strength of the KL regularization towards the reference")
+    loss_type: str = choice("sigmoid", *DPO_LOSS_TYPES)
+    label_smoothing: float = doc(0.0, "conservative DPO (sigmoid, robust, exo_pair)")
+    average_log_prob: bool = doc(False, "average the log-probs over each response's tokens instead of summing")
+    max_prompt_len: int = doc(512, "prompt tokens kept (the oldest are cut when truncating)")
+    max_len: int = doc(1024, "prompt + response tokens")
+    sft_weight: float = doc(0.0, "weight of an SFT (NLL) term on the chosen responses, as in RPO")
+    reference: str = choice("live", "live", "precompute",
+                            doc="live: the base with the adapter off (or the starting adapter); precompute: once, cached")
+
+
+@dataclass
+class DPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: PrefDataConfig = field(default_factory=PrefDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/dpo"))
+    dpo: DPOSection = field(default_factory=DPOSection)
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -184,15 +220,16 @@ def parse_config(data: dict, schema=SFTConfig, text: str = "", source: str = "co
 def _validate(cfg, where):
     """Value checks a type cannot express."""
     positive = [("train", "micro_batch_size"), ("train", "grad_accum"), ("data", "max_seq_len"), ("lora", "r"),
-                ("run", "keep"), ("run", "log_every")]
+                ("run", "keep"), ("run", "log_every"), ("dpo", "max_len"), ("dpo", "max_prompt_len")]
     for section, key in positive:
         obj = getattr(cfg, section, None)
-        if obj is not None and getattr(obj, key) < 1:
+        if obj is not None and hasattr(obj, key) and getattr(obj, key) < 1:
             raise ConfigError(f"{where(section, key)} must be >= 1, got {getattr(obj, key)}")
     for section, key in [("train", "learning_rate"), ("train", "max_grad_norm"), ("train", "weight_decay"),
-                         ("lora", "dropout"), ("train", "warmup_steps"), ("train", "max_steps")]:
+                         ("lora", "dropout"), ("train", "warmup_steps"), ("train", "max_steps"), ("dpo", "beta"),
+                ("dpo", "sft_weight")]:
         obj = getattr(cfg, section, None)
-        if obj is not None and getattr(obj, key) < 0:
+        if obj is not None and hasattr(obj, key) and getattr(obj, key) < 0:
             raise ConfigError(f"{where(section, key)} must be >= 0, got {getattr(obj, key)}")
 
 
@@ -211,7 +248,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path, overrides=None, schema=SFTConfig):
+def load_config(path, overrides=None, schema=None):
+    """Read a config; without `schema`, a [dpo] section picks DPOConfig, else SFTConfig."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -220,7 +258,10 @@ def load_config(path, overrides=None, schema=SFTConfig):
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return parse_config(apply_overrides(data, overrides), schema, text, str(path))
+    data = apply_overrides(data, overrides)
+    if schema is None:
+        schema = DPOConfig if "dpo" in data else SFTConfig
+    return parse_config(data, schema, text, str(path))
 
 
 def _toml_value(v):
@@ -246,10 +287,12 @@ def resolved_toml(cfg) -> str:
     return "\n".join(out)
 
 
-def reference_markdown(schema=SFTConfig) -> str:
+def reference_markdown(schema=SFTConfig, sections=None) -> str:
     """The configuration reference (the README's tables), from the dataclasses' own docs."""
     out = []
     for section in dataclasses.fields(schema):
+        if sections is not None and section.name not in sections:
+            continue
         cls = section.default_factory
         out += [f"**[{section.name}]**", "", "| key | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
@@ -262,5 +305,10 @@ def reference_markdown(schema=SFTConfig) -> str:
     return "\n".join(out)
 
 
+def dpo_reference_markdown() -> str:
+    return reference_markdown(DPOConfig, sections=("data", "dpo"))
+
+
 if __name__ == "__main__":  # python -m fasttune.config: print the reference
     print(reference_markdown())
+    print(dpo_reference_markdown())

@@ -140,11 +140,13 @@ def _turn_frame(tokenizer, before, role, where) -> tuple[str, str]:
     return head, tail
 
 
-def tokenize_conversation(tokenizer, messages, *, train_on="assistant", trainable_roles=(), where="") -> tuple[list, list]:
+def tokenize_conversation(tokenizer, messages, *, train_on="assistant", trainable_roles=(), where="",
+                          train_from=0) -> tuple[list, list]:
     """input_ids and labels (IGNORE where not trained) of one conversation, built message by message.
 
     A trained message trains its content and its end-of-turn token (the tokenizer's eos), not its
-    role header nor what follows the end-of-turn token.
+    role header nor what follows the end-of-turn token. Messages before `train_from` are never
+    trained (a preference pair's prompt).
     """
     trained_roles = {"assistant", *trainable_roles}
     last_trained = max((i for i, m in enumerate(messages) if m["role"] in trained_roles), default=-1)
@@ -158,7 +160,7 @@ def tokenize_conversation(tokenizer, messages, *, train_on="assistant", trainabl
                             "changes the text before it), so the masks cannot be built; set model.chat_template")
         segment = rendered[len(prefix):]
         prefix = rendered
-        train = msg["role"] in trained_roles and (train_on == "assistant" or i == last_trained)
+        train = msg["role"] in trained_roles and i >= train_from and (train_on == "assistant" or i == last_trained)
         if train_on == "all" or not train:
             seg_ids = tokenizer(segment, add_special_tokens=False)["input_ids"]
             ids += seg_ids

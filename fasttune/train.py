@@ -59,20 +59,18 @@ def peak_memory_mb(dev) -> float:
 
 
 class Stream:
-    """Endless micro-batches over the epochs, with a position that checkpoints can restore."""
+    """Endless micro-batches over the epochs, with a position that checkpoints can restore.
 
-    def __init__(self, examples, cfg, pad_id, position=None):
-        self.examples, self.cfg, self.pad_id = examples, cfg, pad_id
-        self.lengths = [len(e.input_ids) for e in examples]
+    `plan(epoch)` gives the groups of item indices of one epoch; `build(group)` the batch."""
+
+    def __init__(self, plan, build, position=None):
+        self._plan_fn, self.build = plan, build
         self.position = dict(position or {"epoch": 0, "index": 0})
         self._plan_epoch, self._plan = None, None
 
     def plan(self, epoch):
         if self._plan_epoch != epoch:
-            d, t = self.cfg.data, self.cfg.train
-            self._plan = epoch_plan(self.lengths, packing=d.packing, micro_batch_size=t.micro_batch_size,
-                                    seed=t.seed, epoch=epoch)
-            self._plan_epoch = epoch
+            self._plan, self._plan_epoch = self._plan_fn(epoch), epoch
         return self._plan
 
     def next(self):
@@ -80,7 +78,7 @@ class Stream:
             self.position = {"epoch": self.position["epoch"] + 1, "index": 0}
         group = self.plan(self.position["epoch"])[self.position["index"]]
         self.position["index"] += 1
-        return make_batch([self.examples[i] for i in group], self.cfg.data.packing, self.pad_id)
+        return self.build(group)
 
 
 def evaluate(model, examples, cfg, pad_id, dev, autocast) -> float:
@@ -140,11 +138,17 @@ class SFTTask:
         examples, report = load_sft(cfg.data.train, tok, cfg.data)
         log(report.summary())
         self.eval_examples = load_sft(cfg.data.eval, tok, cfg.data)[0] if cfg.data.eval else None
-        self.stream = Stream(examples, cfg, tok.pad_token_id)
-        if cfg.data.packing:
+        lengths = [len(e.input_ids) for e in examples]
+        d, t = cfg.data, cfg.train
+
+        def plan(epoch):
+            return epoch_plan(lengths, packing=d.packing, micro_batch_size=t.micro_batch_size, seed=t.seed, epoch=epoch)
+
+        self.stream = Stream(plan, lambda g: make_batch([examples[i] for i in g], d.packing, tok.pad_token_id))
+        if d.packing:
             rows = self.stream.plan(0)
-            log(f"packing: {len(rows)} rows of {cfg.train.micro_batch_size} tokens per epoch, "
-                f"{100 * packing_efficiency(self.stream.lengths, rows, cfg.train.micro_batch_size):.1f}% filled")
+            log(f"packing: {len(rows)} rows of {t.micro_batch_size} tokens per epoch, "
+                f"{100 * packing_efficiency(lengths, rows, t.micro_batch_size):.1f}% filled")
 
     def count(self, batch):
         return batch.trained

@@ -1,0 +1,166 @@
+"""DPO on the shared training loop, with `fasttune.kernels.dpo_loss`: no full logits, neither the
+policy's nor the reference's.
+
+- Batches: a micro-batch of B pairs is one padded forward of 2B sequences, the B chosen first.
+- Reference: by default the base model with the adapter switched off (no second copy of the
+  weights). Starting from an SFT adapter (`model.adapter`), the reference is that adapter, frozen
+  (loaded a second time as "reference"), and the policy a trainable copy. `dpo.reference =
+  "precompute"` computes every reference log-prob once before training, with `linear_logprobs`
+  under no_grad, and caches them in the run folder keyed by a hash of the data and the model.
+- Loss: normalized by the pairs of the whole accumulated batch (`num_pairs`); with `sft_weight`,
+  plus the mean NLL per token of the chosen responses (RPO).
+"""
+
+import contextlib
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from fasttune.kernels import dpo_loss, linear_logprobs
+
+from .batches import padded_batch
+from .checkpoint import _file_hash
+from .config import ConfigError
+from .preference import load_pairs
+
+
+def _inner(model):
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return lm.model, lm.lm_head
+
+
+class DPOTask:
+    name = "dpo"
+
+    def __init__(self, cfg, tok, log):
+        self.cfg, self.tok, self.d = cfg, tok, cfg.dpo
+        if not cfg.data.train:
+            raise ConfigError("data.train is empty: set it to a JSON or JSONL file of preference pairs")
+        if cfg.model.finetune == "full" and self.d.reference == "live":
+            raise ConfigError('DPO with model.finetune = "full" has no adapter to switch off for the reference: '
+                              'set dpo.reference = "precompute"')
+        self.pairs, report = load_pairs(cfg.data.train, tok, cfg.data, self.d)
+        log(report.summary())
+        self.eval_pairs = load_pairs(cfg.data.eval, tok, cfg.data, self.d)[0] if cfg.data.eval else None
+        t = cfg.train
+        from .train import Stream
+
+        def plan(epoch):
+            order = list(range(len(self.pairs)))
+            random.Random(f"{t.seed}-{epoch}").shuffle(order)
+            return [order[i : i + t.micro_batch_size] for i in range(0, len(order), t.micro_batch_size)]
+
+        self.stream = Stream(plan, lambda g: self.batch(self.pairs, g))
+        self.ref = {}  # precomputed: split -> [n_pairs, 2] (chosen, rejected)
+
+    def batch(self, pairs, group):
+        b = padded_batch([pairs[i].chosen for i in group] + [pairs[i].rejected for i in group], self.tok.pad_token_id)
+        b.pair_ids = torch.tensor(group)
+        return b
+
+    def count(self, batch):
+        return len(batch.pair_ids)
+
+    # ---- the reference ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def reference(self, model):
+        """Run the model as the reference inside this block."""
+        if self.cfg.model.finetune == "full":
+            yield  # precompute only: the model is still the initial one
+        elif self.cfg.model.adapter:
+            model.set_adapter("reference")
+            try:
+                yield
+            finally:
+                model.set_adapter("default")
+        else:
+            with model.disable_adapter():
+                yield
+
+    def sequence_logps(self, model, batch, dev):
+        """Per-sequence label log-probs [2B], summed (or averaged, as dpo_loss does)."""
+        inner, head = _inner(model)
+        hidden = inner(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev)).last_hidden_state
+        logp = linear_logprobs(hidden.to(head.weight.dtype), head.weight, batch.shift_labels, bias=head.bias).sum(-1)
+        if self.d.average_log_prob or self.d.loss_type == "ipo":
+            logp = logp / (batch.shift_labels != -100).sum(-1).clamp_min(1).to(logp.device)
+        return logp
+
+    def reference_logps(self, model, batch, dev, split="train"):
+        if split in self.ref:
+            r = self.ref[split][batch.pair_ids]
+            return torch.cat([r[:, 0], r[:, 1]]).to(dev)
+        with torch.no_grad(), self.reference(model):
+            return self.sequence_logps(model, batch, dev)
+
+    def setup(self, model, dev, run_dir):
+        if self.cfg.model.adapter and self.cfg.model.finetune == "lora":
+            model.load_adapter(self.cfg.model.adapter, adapter_name="reference", is_trainable=False)
+            model.set_adapter("default")
+        if self.d.reference == "precompute":
+            for split, pairs in (("train", self.pairs), ("eval", self.eval_pairs)):
+                if pairs:
+                    self.ref[split] = self._precompute(model, pairs, dev, Path(run_dir), split)
+
+    def _precompute(self, model, pairs, dev, run_dir, split):
+        c = self.cfg
+        # what the reference log-probs depend on: the data, the reference model, and how they are summed
+        key = json.dumps([_file_hash(getattr(c.data, split)), c.model.path, c.model.adapter, c.model.load_in_4bit,
+                          c.model.compute_dtype, c.data.format, c.data.roles, c.data.overlong, self.d.max_len,
+                          self.d.max_prompt_len, self.d.average_log_prob or self.d.loss_type == "ipo"], default=str)
+        path = run_dir / f"reference_logps-{split}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+        if path.is_file():
+            return torch.load(path)
+        out = torch.empty(len(pairs), 2)
+        model.eval()
+        with torch.no_grad(), self.reference(model):
+            for s in range(0, len(pairs), 8):
+                group = list(range(s, min(s + 8, len(pairs))))
+                lp = self.sequence_logps(model, self.batch(pairs, group), dev).float().cpu()
+                out[group, 0], out[group, 1] = lp[: len(group)], lp[len(group):]
+        model.train()
+        tmp = path.with_suffix(".tmp")
+        torch.save(out, tmp)
+        tmp.replace(path)
+        return out
+
+    # ---- the loss -----------------------------------------------------------------------------
+
+    def loss(self, model, batch, n_pairs, dev, split="train"):
+        ref = self.reference_logps(model, batch, dev, split)
+        inner, head = _inner(model)
+        hidden = inner(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev)).last_hidden_state
+        d = self.d
+        loss, s = dpo_loss(hidden.to(head.weight.dtype), head.weight, batch.shift_labels.view(hidden.shape[:2]),
+                           ref_logps=ref, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+                           average_log_prob=d.average_log_prob, num_pairs=n_pairs)
+        if d.sft_weight:
+            per_token = s.chosen_logps if (d.average_log_prob or d.loss_type == "ipo") else \
+                s.chosen_logps / s.chosen_tokens.clamp_min(1)
+            loss = loss + d.sft_weight * (-per_token).sum() / n_pairs
+        stats = {"rewards_chosen": s.chosen_rewards.mean(), "rewards_rejected": s.rejected_rewards.mean(),
+                 "reward_accuracy": s.reward_accuracy, "reward_margin": s.reward_margin,
+                 "logps_chosen": s.chosen_logps.detach().mean(), "logps_rejected": s.rejected_logps.detach().mean()}
+        return loss, stats
+
+    def evaluate(self, model, dev, autocast):
+        if not self.eval_pairs:
+            return None
+        model.eval()
+        total, n = 0.0, len(self.eval_pairs)
+        with torch.no_grad(), autocast():
+            for s in range(0, n, self.cfg.train.micro_batch_size):
+                group = list(range(s, min(s + self.cfg.train.micro_batch_size, n)))
+                total += float(self.loss(model, self.batch(self.eval_pairs, group), n, dev, "eval")[0])
+        model.train()
+        return total
+
+
+def train_dpo(cfg, log=print) -> dict:
+    from .train import train
+
+    return train(cfg, DPOTask, log)

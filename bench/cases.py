@@ -379,8 +379,39 @@ def _dpo_step_case(provider, shape, dtype):
     return run
 
 
+def _grpo_demo_case(provider, shape, dtype):
+    """`fasttune grpo examples/grpo.toml` for `steps` steps in a fresh process; LAST_RUN gets the mean
+    split of a step (generation, reference, policy forward + backward) and the peak RSS."""
+    if provider != "fasttune":
+        raise Unavailable(f"no provider {provider!r} for the GRPO example")
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def run():
+        out = Path(tempfile.mkdtemp(prefix="fasttune-bench-grpo-"))
+        cmd = [sys.executable, "-m", "fasttune.cli", "grpo", str(root / "examples/grpo.toml"),
+               "--set", f'run.output_dir="{out}"', "--set", f"train.max_steps={shape['steps']}",
+               "--set", f'data.train="{root}/examples/data/grpo_arithmetic.jsonl"', "--set", f"run.save_every={shape['steps']}"]
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
+        rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        n = len(rows)
+        LAST_RUN.update(
+            grpo_split={k: round(sum(r[k] for r in rows) / n, 4) for k in ("generation_s", "reference_s", "training_s")},
+            grpo_tokens_per_s=sum(r["tokens_per_s"] for r in rows) / n, grpo_peak_mb=max(r["peak_memory_mb"] for r in rows),
+        )
+
+    return run
+
+
 CASES = {"fused_linear_cross_entropy": _flce_case, "dpo_loss": _dpo_case, "grpo_loss": _grpo_case,
-         "varlen_attention": _attention_case, "sft_demo": _sft_demo_case, "dpo_step": _dpo_step_case}
+         "varlen_attention": _attention_case, "sft_demo": _sft_demo_case, "dpo_step": _dpo_step_case,
+         "grpo_demo": _grpo_demo_case}
 PEERS = {"torch_chunked", "torch_compile", "liger", "cce", "varlen_attn", "flex"}
 
 

@@ -44,7 +44,7 @@ def tables(data: dict) -> str:
     for (kernel, shape, dtype), rows in groups.items():
         ours = next((r for r in rows if r["provider"] == "fasttune" and not r["skipped"]), None)
         shape_s = ", ".join(f"{k}={v}" for k, v in json.loads(shape).items())
-        what = "the whole command" if kernel == "sft_demo" else "forward + backward"
+        what = "the whole command" if kernel.endswith("_demo") else "forward + backward"
         out += ["", f"**{kernel}** ({shape_s}, {dtype}, {what})", "",
                 "| provider | median time | peak memory | tokens/s | TFLOP/s | fasttune time ÷ this | fasttune memory ÷ this |",
                 "|---|---:|---:|---:|---:|---:|---:|"]
@@ -57,6 +57,9 @@ def tables(data: dict) -> str:
                 f"{_num(r['tokens_per_s'], ',.0f')} | {_num(r['tflops'], '.2f')} | "
                 f"{_ratio(ours and ours['median_s'], r['median_s'])} | {_ratio(ours and ours['peak_bytes'], r['peak_bytes'])} |"
             )
+        for r in rows:
+            if r.get("extra", {}).get("split"):
+                out.append("\nMean seconds per step: " + ", ".join(f"{k} {v}" for k, v in r["extra"]["split"].items()))
     return "\n".join(out)
 
 

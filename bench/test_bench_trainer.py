@@ -34,3 +34,12 @@ def test_dpo_step(benchmark, recorder, provider):
     path, not the fused head's memory saving, which grows with the vocabulary (see dpo_loss above)."""
     res = bench_case(benchmark, recorder, "dpo_step", provider, DPO, "fp32", tokens=1, flops=0)
     res.tokens_per_s, res.tflops = cases.LAST_RUN["dpo_tokens"] / res.median_s, None
+
+
+def test_grpo_demo(benchmark, recorder):
+    """The GRPO example: where a step's time goes (generation, reference, policy forward + backward)."""
+    res = bench_case(benchmark, recorder, "grpo_demo", "fasttune", {"steps": 20}, "fp32", tokens=1, flops=0,
+                     rounds=1, memory=False)
+    run = cases.LAST_RUN
+    res.tokens_per_s, res.tflops, res.peak_bytes = run["grpo_tokens_per_s"], None, int(run["grpo_peak_mb"] * 2**20)
+    res.extra = {"split": run["grpo_split"]}

@@ -82,6 +82,17 @@ def preference():
         f.writelines(json.dumps(r) + "\n" for r in openai)
 
 
+def arithmetic():
+    """GRPO prompts: small additions with their answers (for the built-in math_answer reward)."""
+    out = Path(__file__).parent / "data"
+    rng = random.Random(2)
+    with open(out / "grpo_arithmetic.jsonl", "w") as f:
+        for _ in range(200):
+            a, b = rng.randint(0, 20), rng.randint(0, 20)
+            f.write(json.dumps({"prompt": f"What is {a} + {b}? End with: Answer: <number>", "answer": str(a + b)}) + "\n")
+
+
 if __name__ == "__main__":
     main()
     preference()
+    arithmetic()

@@ -2,6 +2,7 @@
 
     fasttune sft CONFIG.toml [--set section.key=value ...]   supervised fine-tuning
     fasttune dpo CONFIG.toml [--set ...]                     preference training (DPO)
+    fasttune grpo CONFIG.toml [--set ...]                    online RL with reward functions (GRPO)
     fasttune check CONFIG.toml [--set ...]                   validate config and data, train nothing
     fasttune merge RUN_DIR --out DIR [--dtype bf16]          merge the adapter into the base model
     fasttune env                                             versions, device, kernel backend
@@ -45,6 +46,14 @@ def _sft(args) -> int:
     return 0
 
 
+def _grpo(args) -> int:
+    from fasttune.config import GRPOConfig, load_config
+    from fasttune.grpo import train_grpo
+
+    train_grpo(load_config(args.config, args.set, schema=GRPOConfig))
+    return 0
+
+
 def _dpo(args) -> int:
     from fasttune.config import DPOConfig, load_config
     from fasttune.dpo import train_dpo
@@ -80,6 +89,14 @@ def _check(args) -> int:
     cfg = load_config(args.config, args.set)
     print(f"# {args.config}, resolved\n{resolved_toml(cfg)}")
     tok = load_tokenizer(cfg.model)
+    if hasattr(cfg, "grpo"):
+        from fasttune.grpo import GRPOTask
+
+        task = GRPOTask(cfg, tok, print)  # reads the prompts and tries every reward function
+        p = task.prompts[0]
+        print(f"  first prompt ({p['where']}), as the model sees it:\n    " + p["text"].replace("\n", "\n    "))
+        print("ok: the config, the prompts and the reward functions are valid")
+        return 0
     if hasattr(cfg, "dpo"):
         from fasttune.preference import load_pairs
 
@@ -148,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, fn, text in (("sft", _sft, "supervised fine-tuning from a TOML config"),
                            ("dpo", _dpo, "preference training (DPO) from a TOML config with a [dpo] section"),
+                           ("grpo", _grpo, "online RL (GRPO) with reward functions, from a config with a [grpo] section"),
                            ("check", _check, "validate a config and its data without training")):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("config", help="the run's TOML config")

@@ -136,6 +136,44 @@ class DPOConfig:
     dpo: DPOSection = field(default_factory=DPOSection)
 
 
+from fasttune.kernels.grpo import LOSS_TYPES as GRPO_LOSS_TYPES  # noqa: E402 - light import
+
+
+@dataclass
+class PromptDataConfig:
+    train: str = doc("", 'JSON or JSONL file of prompts ("prompt": a string or messages) and answer columns')
+    roles: dict = doc({}, "map other role names onto system/user/assistant")
+
+
+@dataclass
+class GRPOSection:
+    num_generations: int = doc(4, "completions sampled for each prompt (a group)")
+    prompts_per_step: int = doc(2, "prompts per micro-batch; a micro-batch holds prompts_per_step × num_generations")
+    max_prompt_len: int = doc(256, "prompt tokens kept (the oldest are cut)")
+    max_completion_len: int = doc(64, "new tokens per completion at most")
+    temperature: float = doc(1.0, "sampling temperature (the loss uses the same)")
+    top_p: float = doc(1.0, "nucleus sampling")
+    loss_type: str = choice("dapo", *GRPO_LOSS_TYPES)
+    beta: float = doc(0.0, "weight of the KL to the reference (the base with the adapter off)")
+    epsilon_low: float = doc(0.2, "lower clip of the ratio: 1 - epsilon_low")
+    epsilon_high: float = doc(0.2, "upper clip of the ratio: 1 + epsilon_high")
+    scale_rewards: str = choice("group", "group", "batch", "none", doc="divide advantages by the std of")
+    mask_truncated_completions: bool = doc(False, "completions that hit max_completion_len get no loss")
+    num_iterations: int = doc(1, "optimizer steps on each batch of samples (uses their old log-probs)")
+    reward_funcs: list = doc(["math_answer"], 'built-in (math_answer, format, digit_ratio) or "file.py:function" / "module:function"')
+    reward_weights: list = doc([], "one weight per reward function (default: all 1)")
+
+
+@dataclass
+class GRPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/grpo"))
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -220,14 +258,17 @@ def parse_config(data: dict, schema=SFTConfig, text: str = "", source: str = "co
 def _validate(cfg, where):
     """Value checks a type cannot express."""
     positive = [("train", "micro_batch_size"), ("train", "grad_accum"), ("data", "max_seq_len"), ("lora", "r"),
-                ("run", "keep"), ("run", "log_every"), ("dpo", "max_len"), ("dpo", "max_prompt_len")]
+                ("run", "keep"), ("run", "log_every"), ("dpo", "max_len"), ("dpo", "max_prompt_len"),
+                ("grpo", "num_generations"), ("grpo", "prompts_per_step"), ("grpo", "max_prompt_len"),
+                ("grpo", "max_completion_len"), ("grpo", "num_iterations")]
     for section, key in positive:
         obj = getattr(cfg, section, None)
         if obj is not None and hasattr(obj, key) and getattr(obj, key) < 1:
             raise ConfigError(f"{where(section, key)} must be >= 1, got {getattr(obj, key)}")
     for section, key in [("train", "learning_rate"), ("train", "max_grad_norm"), ("train", "weight_decay"),
                          ("lora", "dropout"), ("train", "warmup_steps"), ("train", "max_steps"), ("dpo", "beta"),
-                ("dpo", "sft_weight")]:
+                ("dpo", "sft_weight"), ("grpo", "beta"), ("grpo", "temperature"), ("grpo", "epsilon_low"),
+                ("grpo", "epsilon_high")]:
         obj = getattr(cfg, section, None)
         if obj is not None and hasattr(obj, key) and getattr(obj, key) < 0:
             raise ConfigError(f"{where(section, key)} must be >= 0, got {getattr(obj, key)}")
@@ -260,7 +301,7 @@ def load_config(path, overrides=None, schema=None):
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     data = apply_overrides(data, overrides)
     if schema is None:
-        schema = DPOConfig if "dpo" in data else SFTConfig
+        schema = DPOConfig if "dpo" in data else GRPOConfig if "grpo" in data else SFTConfig
     return parse_config(data, schema, text, str(path))
 
 
@@ -309,6 +350,11 @@ def dpo_reference_markdown() -> str:
     return reference_markdown(DPOConfig, sections=("data", "dpo"))
 
 
+def grpo_reference_markdown() -> str:
+    return reference_markdown(GRPOConfig, sections=("data", "grpo"))
+
+
 if __name__ == "__main__":  # python -m fasttune.config: print the reference
     print(reference_markdown())
     print(dpo_reference_markdown())
+    print(grpo_reference_markdown())

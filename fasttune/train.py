@@ -246,6 +246,8 @@ def train(cfg, task_cls, log=print) -> dict:
                    "tokens_per_s": round(tokens / elapsed, 1), "trained_tokens": sum(b.trained for b in batches),
                    "peak_memory_mb": round(peak_memory_mb(dev), 1), "elapsed_s": round(time.perf_counter() - start, 2),
                    "epoch": stream.position["epoch"], **{k: round(v, 6) for k, v in extra.items()}}
+            if "generation_s" in extra:  # sampling happens inside the step: report training time apart
+                row["training_s"] = round(elapsed - extra["generation_s"] - extra.get("reference_s", 0.0), 4)
             if (cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == total:
                 ev = task.evaluate(model, dev, autocast)
                 if ev is not None:

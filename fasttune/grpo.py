@@ -1,0 +1,242 @@
+"""GRPO on the shared training loop: sample a group of completions per prompt from the live policy,
+score them with reward functions, turn the rewards into advantages within each group, and optimize
+`fasttune.kernels.grpo_loss`.
+
+- Generation: transformers' `generate` with a KV cache on the same (4-bit) weights and the live
+  adapter, all completions of a micro-batch at once, stopping at the end-of-turn token.
+- Rewards: weighted sum of the reward functions (fasttune/rewards.py); advantages are
+  (r - group mean) / (std of the group, of the batch, or 1) - a group whose rewards are all equal
+  gets advantage 0. Every reward function is tried on a few samples before training.
+- num_iterations > 1: the same samples serve that many optimizer steps, their log-probs at
+  sampling time (`old_logps`) anchoring the clipped ratio.
+- beta > 0: the reference is the base with the adapter off; its log-probs are taken once per sample.
+"""
+
+import json
+import random
+import time
+
+import torch
+
+from fasttune.kernels import grpo_loss, linear_logprobs
+
+from .config import ConfigError
+from .data import DataError, read_records
+from .dpo import _inner
+from .rewards import call_reward, load_reward
+
+
+class Rollout:
+    """One micro-batch of samples: prompts × generations, with everything the loss needs."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class GRPOTask:
+    name = "grpo"
+
+    def __init__(self, cfg, tok, log):
+        self.cfg, self.tok, self.g, self.log = cfg, tok, cfg.grpo, log
+        g = cfg.grpo
+        if not cfg.data.train:
+            raise ConfigError("data.train is empty: set it to a JSON or JSONL file of prompts")
+        if cfg.model.finetune == "full" and g.beta > 0:
+            raise ConfigError("grpo.beta > 0 needs an adapter to switch off for the reference; use finetune = \"lora\"")
+        self.funcs = [(spec, load_reward(spec)) for spec in g.reward_funcs]
+        if not self.funcs:
+            raise ConfigError("grpo.reward_funcs is empty: name at least one reward function")
+        self.weights = list(g.reward_weights) or [1.0] * len(self.funcs)
+        if len(self.weights) != len(self.funcs):
+            raise ConfigError(f"grpo.reward_weights has {len(self.weights)} values for {len(self.funcs)} reward functions")
+        self.prompts = self._load_prompts(cfg.data.train)
+        log(f"{cfg.data.train}: {len(self.prompts)} prompts; {g.num_generations} completions each, "
+            f"{g.prompts_per_step} prompts per micro-batch; rewards: " +
+            ", ".join(f"{w} × {s}" for (s, _), w in zip(self.funcs, self.weights)))
+        self._check_rewards()
+        t = cfg.train
+
+        def plan(epoch):
+            order = list(range(len(self.prompts)))
+            random.Random(f"{t.seed}-{epoch}").shuffle(order)
+            groups = [order[i : i + g.prompts_per_step] for i in range(0, len(order), g.prompts_per_step)]
+            return [(epoch, k, grp) for k, grp in enumerate(groups) for _ in range(g.num_iterations)]
+
+        from .train import Stream
+
+        self.stream = Stream(plan, self._rollout_for)
+        self._cache = {}
+        self.model = self.dev = None
+
+    # ---- data and rewards -----------------------------------------------------------------------
+
+    def _load_prompts(self, path):
+        out = []
+        for where, rec in read_records(path):
+            if "prompt" in rec:
+                p = rec["prompt"]
+                msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p
+            elif "messages" in rec:
+                msgs = rec["messages"]
+            else:
+                raise DataError(f"{where}: a GRPO record needs \"prompt\" (a string or messages) or \"messages\"")
+            if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+                raise DataError(f"{where}: the prompt must be a string or a list of {{role, content}} messages")
+            msgs = [{"role": self.cfg.data.roles.get(m["role"], m["role"]), "content": m["content"]} for m in msgs]
+            text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            ids = self.tok(text, add_special_tokens=False)["input_ids"][-self.g.max_prompt_len:]
+            columns = {k: v for k, v in rec.items() if k not in ("prompt", "messages")}
+            out.append({"ids": ids, "text": text, "columns": columns, "where": where})
+        if not out:
+            raise DataError(f"{path}: no prompts")
+        keys = set(out[0]["columns"])
+        for p in out:
+            if set(p["columns"]) != keys:
+                raise DataError(f"{p['where']}: its columns {sorted(p['columns'])} differ from the first record's "
+                                f"{sorted(keys)}; every record needs the same fields")
+        return out
+
+    def _check_rewards(self):
+        """Call every reward function on a few prompts (with a placeholder completion) before training."""
+        sample = self.prompts[:2]
+        prompts = [p["text"] for p in sample]
+        columns = {k: [p["columns"][k] for p in sample] for k in sample[0]["columns"]}
+        for spec, fn in self.funcs:
+            call_reward(fn, spec, prompts, ["Answer: 0"] * len(sample), columns)
+
+    def rewards(self, prompt_texts, completions, columns):
+        """[n, len(funcs)] raw rewards and [n] weighted total."""
+        per = [call_reward(fn, spec, prompt_texts, completions, columns) for spec, fn in self.funcs]
+        raw = torch.tensor(per, dtype=torch.float32).T
+        return raw, raw @ torch.tensor(self.weights, dtype=torch.float32)
+
+    def advantages(self, total):
+        """Per-completion advantages from [P * G] rewards, grouped by prompt."""
+        G = self.g.num_generations
+        r = total.view(-1, G)
+        centered = r - r.mean(1, keepdim=True)
+        if self.g.scale_rewards == "group":
+            centered = centered / (r.std(1, keepdim=True) + 1e-4)
+        elif self.g.scale_rewards == "batch":
+            centered = centered / (total.std() + 1e-4)
+        return centered.reshape(-1)
+
+    # ---- sampling -------------------------------------------------------------------------------
+
+    def setup(self, model, dev, run_dir):
+        self.model, self.dev = model, dev
+
+    def _rollout_for(self, item):
+        epoch, k, group = item
+        key = (epoch, k)
+        if key not in self._cache:
+            self._cache = {key: self.rollout([self.prompts[i] for i in group])}  # keep only the current one
+        return self._cache[key]
+
+    @torch.no_grad()
+    def rollout(self, prompts):
+        model, tok, g, dev = self.model, self.tok, self.g, self.dev
+        G = g.num_generations
+        t0 = time.perf_counter()
+        P = max(len(p["ids"]) for p in prompts)
+        ids = torch.full((len(prompts) * G, P), tok.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding, each prompt repeated G times
+            ids[i * G : (i + 1) * G, P - len(p["ids"]) :] = torch.tensor(p["ids"])
+            mask[i * G : (i + 1) * G, P - len(p["ids"]) :] = 1
+        was_training = model.training
+        model.eval()
+        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True,
+                             temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_completion_len,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        if was_training:
+            model.train()
+        comp = out[:, P:].cpu()
+        C = comp.shape[1]
+        is_eos = comp == tok.eos_token_id
+        ended = is_eos.any(1)
+        first_eos = torch.where(ended, is_eos.int().argmax(1), torch.full((len(comp),), C))
+        cmask = torch.arange(C)[None, :] <= first_eos[:, None]  # through the end-of-turn token
+        truncated = ~ended
+        loss_mask = cmask & ~truncated[:, None] if g.mask_truncated_completions else cmask
+        gen_time = time.perf_counter() - t0
+
+        texts = [tok.decode(c[: int(first_eos[i])].tolist(), skip_special_tokens=True) for i, c in enumerate(comp)]
+        prompt_texts = [p["text"] for p in prompts for _ in range(G)]
+        columns = {k: [p["columns"][k] for p in prompts for _ in range(G)] for k in prompts[0]["columns"]}
+        raw, total = self.rewards(prompt_texts, texts, columns)
+        adv = self.advantages(total)
+
+        full = torch.cat([ids, comp], 1)
+        attn = torch.cat([mask, cmask.long()], 1)
+        batch = Rollout(input_ids=full, attention_mask=attn, prompt_len=P, completion_ids=comp, completion_mask=loss_mask,
+                        advantages=adv, rewards=total, raw=raw, truncated=truncated, lengths=cmask.sum(1),
+                        gen_time=gen_time, tokens=int(attn.sum()), trained=int(loss_mask.sum()),
+                        old_logps=None, ref_logps=None, fresh=True)
+        t1 = time.perf_counter()
+        if g.num_iterations > 1:
+            batch.old_logps = self.logps(model, batch).cpu()
+        if g.beta > 0:
+            with model.disable_adapter():
+                batch.ref_logps = self.logps(model, batch).cpu()
+        batch.ref_time = time.perf_counter() - t1
+        return batch
+
+    def _hidden(self, model, batch):
+        inner, head = _inner(model)
+        attn = batch.attention_mask.to(self.dev)
+        pos = (attn.cumsum(-1) - 1).clamp_min(0)
+        hidden = inner(input_ids=batch.input_ids.to(self.dev), attention_mask=attn, position_ids=pos).last_hidden_state
+        P, C = batch.prompt_len, batch.completion_ids.shape[1]
+        return hidden[:, P - 1 : P - 1 + C].to(head.weight.dtype), head
+
+    def logps(self, model, batch):
+        """The completion tokens' log-probs [n, C] under `model` (no grad)."""
+        with torch.no_grad():
+            h, head = self._hidden(model, batch)
+            labels = torch.where(batch.completion_mask, batch.completion_ids, -100)
+            return linear_logprobs(h, head.weight, labels, bias=head.bias, temperature=self.g.temperature)
+
+    # ---- the loss -------------------------------------------------------------------------------
+
+    def count(self, batch):
+        return batch.trained if self.g.loss_type in ("dapo", "bnpo") else len(batch.advantages)
+
+    def loss(self, model, batch, n_items, dev):
+        g = self.g
+        h, head = self._hidden(model, batch)
+        loss, s = grpo_loss(
+            h, head.weight, batch.completion_ids, batch.completion_mask, batch.advantages,
+            old_logps=batch.old_logps, ref_logps=batch.ref_logps, beta=g.beta, epsilon_low=g.epsilon_low,
+            epsilon_high=g.epsilon_high, loss_type=g.loss_type, temperature=g.temperature, num_items=n_items,
+            max_completion_len=g.max_completion_len, bias=head.bias,
+        )
+        G = g.num_generations
+        r = batch.rewards.view(-1, G)
+        stats = {
+            "reward": batch.rewards.mean(), "reward_std": batch.rewards.std() if len(batch.rewards) > 1 else 0.0,
+            "frac_equal_groups": (r.std(1) < 1e-6).float().mean(),
+            "completion_len": batch.lengths.float().mean(), "completion_len_max": batch.lengths.max().float(),
+            "clipped_completions": batch.truncated.float().mean(),
+            "kl": s.kl, "entropy": s.entropy, "clip_ratio_low": s.clip_ratio_low, "clip_ratio_high": s.clip_ratio_high,
+            "clip_ratio_region": s.clip_ratio_region,
+            # sampling time counts on the step that sampled, not on the num_iterations - 1 that reuse it
+            "generation_s": batch.gen_time if batch.fresh else 0.0, "reference_s": batch.ref_time if batch.fresh else 0.0,
+        }
+        batch.fresh = False
+        for (spec, _), col in zip(self.funcs, batch.raw.T):
+            stats[f"reward/{spec}"] = col.mean()
+        return loss, stats
+
+    def evaluate(self, model, dev, autocast):
+        return None
+
+
+def train_grpo(cfg, log=print) -> dict:
+    from .train import train
+
+    return train(cfg, GRPOTask, log)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]

@@ -409,7 +409,19 @@ def _grpo_demo_case(provider, shape, dtype):
     return run
 
 
-CASES = {"fused_linear_cross_entropy": _flce_case, "dpo_loss": _dpo_case, "grpo_loss": _grpo_case,
+def _alloc_case(provider, shape, dtype):
+    """The harness's own check: allocate and touch exactly `mib` MiB, then free it."""
+    nbytes = shape["mib"] * 2**20
+
+    def run():
+        buf = torch.ones(nbytes, dtype=torch.uint8, device=device())
+        sync()
+        del buf
+
+    return run
+
+
+CASES = {"alloc": _alloc_case, "fused_linear_cross_entropy": _flce_case, "dpo_loss": _dpo_case, "grpo_loss": _grpo_case,
          "varlen_attention": _attention_case, "sft_demo": _sft_demo_case, "dpo_step": _dpo_step_case,
          "grpo_demo": _grpo_demo_case}
 PEERS = {"torch_chunked", "torch_compile", "liger", "cce", "varlen_attn", "flex"}

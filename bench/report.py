@@ -3,6 +3,8 @@
     python bench/report.py                      # tables of the newest file of each device
     python bench/report.py FILE.json ...        # tables of these files
     python bench/report.py --readme README.md   # rewrite the README between its bench markers
+    python bench/report.py --plots              # a PNG of time and memory per kernel, beside each file
+    python bench/report.py --baseline           # write bench/baseline.json from the newest CPU file
 
 Each table is one kernel at one shape: every provider's median time, peak memory and
 throughput, and fasttune's time and memory as a ratio of that provider's (< 1: fasttune is
@@ -15,6 +17,10 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+BASELINE = Path(__file__).resolve().parent / "baseline.json"
+# (kernel, slower provider): the same-run speed ratios CI guards (that provider's time / fasttune's)
+GUARDED = [("fused_linear_cross_entropy", "naive"), ("dpo_loss", "naive"), ("grpo_loss", "naive"),
+           ("varlen_attention", "sdpa_padded"), ("dpo_step", "naive")]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -63,6 +69,49 @@ def tables(data: dict) -> str:
     return "\n".join(out)
 
 
+def _key(r):
+    return f"{r['kernel']}|{json.dumps(r['shape'], sort_keys=True)}|{r['dtype']}"
+
+
+def speed_ratios(results) -> dict:
+    """{case: slower provider's median / fasttune's} for the guarded pairs present in `results`."""
+    by = {(_key(r), r["provider"]): r for r in results if not r.get("skipped") and r.get("median_s")}
+    out = {}
+    for kernel, other in GUARDED:
+        for (key, provider), r in by.items():
+            if provider == "fasttune" and key.startswith(kernel + "|") and (key, other) in by:
+                out[f"{key}|{other}"] = round(by[(key, other)]["median_s"] / r["median_s"], 3)
+    return out
+
+
+def plot(data: dict, png: Path):
+    """Time and memory of every provider, one pair of panels per kernel and shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict = {}
+    for r in data["results"]:
+        if not r.get("skipped") and r.get("median_s") and r["kernel"] != "alloc":
+            groups.setdefault(_key(r), []).append(r)
+    if not groups:
+        return
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 2.6 * len(groups)), squeeze=False)
+    for row, (key, rows) in zip(axes, groups.items()):
+        names = [r["provider"] for r in rows]
+        colors = ["tab:green" if n == "fasttune" else "tab:gray" for n in names]
+        row[0].barh(names, [r["median_s"] * 1e3 for r in rows], color=colors)
+        row[0].set_xlabel("median time (ms)")
+        row[1].barh(names, [(r["peak_bytes"] or 0) / 2**20 for r in rows], color=colors)
+        row[1].set_xlabel("peak memory (MiB)")
+        row[0].set_title(key.split("|")[0] + " " + key.split("|")[1], fontsize=8, loc="left")
+    fig.suptitle(f"{data['env']['device']} · {data['env']['date']} · {data['env']['commit']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
 def newest_files() -> list[Path]:
     """The newest result file of each device."""
     by_device: dict = {}
@@ -75,10 +124,20 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="*", type=Path)
     ap.add_argument("--readme", type=Path, help="replace the text between the bench markers of this file")
+    ap.add_argument("--plots", action="store_true", help="write a PNG beside each result file")
+    ap.add_argument("--baseline", action="store_true", help="write bench/baseline.json from these results")
     args = ap.parse_args(argv)
     files = args.files or newest_files()
     if not files:
         sys.exit(f"no result files in {RESULTS}; run `make bench` first")
+    if args.plots:
+        for f in files:
+            plot(json.loads(f.read_text()), f.with_suffix(".png"))
+    if args.baseline:
+        base = json.loads(BASELINE.read_text())
+        for f in files:
+            base["ratios"].update(speed_ratios(json.loads(f.read_text())["results"]))
+        BASELINE.write_text(json.dumps(base, indent=1) + "\n")
     text = "\n\n".join(tables(json.loads(f.read_text())) for f in files)
     if args.readme:
         readme = args.readme.read_text()

@@ -53,14 +53,14 @@ def _flce_loss(provider):
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
         except ImportError as e:
-            raise Unavailable(f"liger-kernel not installed ({e})")
+            raise Unavailable(f"liger-kernel not installed ({e})") from None
         return lambda h, w, y: liger_fused_linear_cross_entropy(h, w, y)
     if provider == "cce":
         _cuda_only("cut-cross-entropy")
         try:
             from cut_cross_entropy import linear_cross_entropy
         except ImportError as e:
-            raise Unavailable(f"cut-cross-entropy not installed ({e})")
+            raise Unavailable(f"cut-cross-entropy not installed ({e})") from None
         return lambda h, w, y: linear_cross_entropy(h, w, y)
     raise Unavailable(f"no provider {provider!r} for fused_linear_cross_entropy")
 
@@ -132,7 +132,7 @@ def _dpo_case(provider, shape, dtype):
         try:
             from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
         except ImportError as e:
-            raise Unavailable(f"liger-kernel not installed ({e})")
+            raise Unavailable(f"liger-kernel not installed ({e})") from None
         liger = LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=False)  # reference-free: same work
         labels_d = labels.to(device())
 
@@ -176,7 +176,7 @@ def _grpo_case(provider, shape, dtype):
         try:
             from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
         except ImportError as e:
-            raise Unavailable(f"liger-kernel not installed ({e})")
+            raise Unavailable(f"liger-kernel not installed ({e})") from None
         liger = LigerFusedLinearGRPOLoss(beta=0.04)
         ids_d, m = ids.to(device()), mask.to(device()).long()
 

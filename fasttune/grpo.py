@@ -12,7 +12,6 @@ score them with reward functions, turn the rewards into advantages within each g
 - beta > 0: the reference is the base with the adapter off; its log-probs are taken once per sample.
 """
 
-import json
 import random
 import time
 
@@ -236,7 +235,3 @@ def train_grpo(cfg, log=print) -> dict:
     from .train import train
 
     return train(cfg, GRPOTask, log)
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fasttune.config import GRPOConfig, load_config
-from fasttune.grpo import GRPOTask, Rollout, train_grpo
+from fasttune.grpo import GRPOTask, train_grpo
 from fasttune.models import load_model, load_tokenizer
-from fasttune.rewards import call_reward, final_answer, math_answer
+from fasttune.rewards import final_answer, math_answer
 from fasttune.train import TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]

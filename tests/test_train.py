@@ -15,7 +15,7 @@ import torch
 
 from fasttune.batches import packed_batch, padded_batch
 from fasttune.cli import main
-from fasttune.config import SFTConfig, load_config
+from fasttune.config import load_config
 from fasttune.data import load_sft
 from fasttune.models import load_model, load_tokenizer
 from fasttune.train import TrainingError, train_sft

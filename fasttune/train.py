@@ -1,10 +1,12 @@
-"""The training loop shared by the trainer's commands, and SFT on top of it.
+"""The training loop shared by `fasttune sft`, `dpo` and `grpo`, and the SFT task.
 
-One optimizer step: take `grad_accum` micro-batches, count the trained tokens of all of them
-(on the host), run each with that count as `num_items_in_batch` so the summed gradient is the
-mean over the whole accumulated batch, clip, step, schedule. Every `save_every` steps (and at the
-end) a checkpoint; every step a line of metrics.jsonl and the progress bar. A NaN or infinite
-loss stops the run before the optimizer touches the weights, so the last checkpoint stays good.
+A task (SFTTask here, DPOTask in dpo.py, GRPOTask in grpo.py) supplies a Stream of micro-batches,
+what a micro-batch counts (trained tokens, pairs, completions) and its loss. One optimizer step:
+take `grad_accum` micro-batches, add up their counts on the host, run each with that total as the
+normalizer so the summed gradient is the mean over the whole accumulated batch, clip, step,
+schedule. Every `save_every` steps (and at the end) a checkpoint; every step a line of
+metrics.jsonl and the progress bar. A NaN or infinite loss stops the run before the optimizer
+touches the weights, so the last checkpoint stays good.
 """
 
 import json

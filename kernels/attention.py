@@ -67,16 +67,46 @@ def _mm(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _find_pair(cu_blocks_ptr, pid, n_seqs, search_steps):
-    """The sample i with cu_blocks[i] <= pid < cu_blocks[i + 1] (binary search)."""
+def _locate(cu_seqlens, cu_blocks, pid, n_seqs, search_steps):
+    """Program pid's pair: its sample's first token and length, and its block within the sample.
+    The sample is the i with cu_blocks[i] <= pid < cu_blocks[i + 1] (binary search)."""
     lo = pid * 0
     hi = lo + n_seqs
     for _ in range(search_steps):
         mid = (lo + hi) // 2
-        go_right = tl.load(cu_blocks_ptr + mid) <= pid
+        go_right = tl.load(cu_blocks + mid) <= pid
         lo = tl.where(go_right, mid, lo)
         hi = tl.where(go_right, hi, mid)
-    return lo
+    start = tl.load(cu_seqlens + lo)
+    return start, tl.load(cu_seqlens + lo + 1) - start, pid - tl.load(cu_blocks + lo)
+
+
+@triton.jit
+def _load_rows(ptr, start, idx, L, stride_t, offs_d, dmask):
+    """The [len(idx), BLOCK_D] tile of tokens start + idx (ptr already at the head); rows past L and
+    padded dims read as 0."""
+    off = (start + idx)[:, None].to(tl.int64) * stride_t + offs_d[None, :]
+    return tl.load(ptr + off, mask=(idx[:, None] < L) & dmask, other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, start, idx, L, stride_t, offs_d, dmask, value):
+    """Write `value` to the rows of tokens start + idx (ptr already at the head), those < L only."""
+    off = (start + idx)[:, None].to(tl.int64) * stride_t + offs_d[None, :]
+    tl.store(ptr + off, value.to(ptr.dtype.element_ty), mask=(idx[:, None] < L) & dmask)
+
+
+@triton.jit
+def _query_key_range(block, L, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                     HAS_WINDOW: tl.constexpr):
+    """The keys a query block can see: up to its diagonal (causal), from its oldest visible key (window)."""
+    lo = block * 0
+    hi = L
+    if CAUSAL:
+        hi = tl.minimum(L, (block + 1) * BLOCK_M)
+    if HAS_WINDOW:
+        lo = tl.maximum(block * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+    return lo, hi
 
 
 @triton.jit
@@ -115,34 +145,24 @@ def _fwd_kernel(
     head = tl.program_id(1)
     if pid >= tl.load(cu_blocks + n_seqs):
         return
-    seq = _find_pair(cu_blocks, pid, n_seqs, search_steps)
-    start = tl.load(cu_seqlens + seq)
-    L = tl.load(cu_seqlens + seq + 1) - start
-    block = pid - tl.load(cu_blocks + seq)
+    start, L, block = _locate(cu_seqlens, cu_blocks, pid, n_seqs, search_steps)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)  # positions within the sample
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d[None, :] < HEAD_DIM
-    kv_head = head // GROUP
+    K += (head // GROUP) * s_kh
+    V += (head // GROUP) * s_vh
 
-    q = tl.load(Q + (start + rows)[:, None].to(tl.int64) * s_qt + head * s_qh + offs_d[None, :],
-                mask=(rows[:, None] < L) & dmask, other=0.0)
+    q = _load_rows(Q + head * s_qh, start, rows, L, s_qt, offs_d, dmask)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, base 2
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    lo = 0
-    hi = L
-    if CAUSAL:
-        hi = tl.minimum(L, (block + 1) * BLOCK_M)
-    if HAS_WINDOW:
-        lo = tl.maximum(block * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+    lo, hi = _query_key_range(block, L, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
-        kv_off = (start + cols)[:, None].to(tl.int64)
-        cmask = (cols[:, None] < L) & dmask
-        k = tl.load(K + kv_off * s_kt + kv_head * s_kh + offs_d[None, :], mask=cmask, other=0.0)
-        v = tl.load(V + kv_off * s_vt + kv_head * s_vh + offs_d[None, :], mask=cmask, other=0.0)
+        k = _load_rows(K, start, cols, L, s_kt, offs_d, dmask)
+        v = _load_rows(V, start, cols, L, s_vt, offs_d, dmask)
         s, _ = _scores(q, k, sm_scale, softcap, HAS_SOFTCAP, PRECISION, UPCAST)
         s = tl.where(_visible(rows, cols, L, window, CAUSAL, HAS_WINDOW), s * LOG2E, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -156,8 +176,7 @@ def _fwd_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
     rmask = rows < L
-    tl.store(O + (start + rows)[:, None].to(tl.int64) * s_ot + head * s_oh + offs_d[None, :],
-             o.to(O.dtype.element_ty), mask=rmask[:, None] & dmask)
+    _store_rows(O + head * s_oh, start, rows, L, s_ot, offs_d, dmask, o)
     lse = (m_i + tl.log2(l_safe)) / LOG2E
     tl.store(LSE + head.to(tl.int64) * T + start + rows, lse, mask=rmask)
 
@@ -190,18 +209,13 @@ def _bwd_dkdv_kernel(
     kv_head = tl.program_id(1)
     if pid >= tl.load(cu_blocks + n_seqs):
         return
-    seq = _find_pair(cu_blocks, pid, n_seqs, search_steps)
-    start = tl.load(cu_seqlens + seq)
-    L = tl.load(cu_seqlens + seq + 1) - start
-    block = pid - tl.load(cu_blocks + seq)
+    start, L, block = _locate(cu_seqlens, cu_blocks, pid, n_seqs, search_steps)
     cols = block * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's keys
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d[None, :] < HEAD_DIM
-    cmask = (cols[:, None] < L) & dmask
-    kv_off = (start + cols)[:, None].to(tl.int64)
-    k = tl.load(K + kv_off * s_kt + kv_head * s_kh + offs_d[None, :], mask=cmask, other=0.0)
-    v = tl.load(V + kv_off * s_vt + kv_head * s_vh + offs_d[None, :], mask=cmask, other=0.0)
+    k = _load_rows(K + kv_head * s_kh, start, cols, L, s_kt, offs_d, dmask)
+    v = _load_rows(V + kv_head * s_vh, start, cols, L, s_vt, offs_d, dmask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -216,10 +230,8 @@ def _bwd_dkdv_kernel(
         for m0 in range(lo, hi, BLOCK_M):
             rows = m0 + offs_m
             rmask = rows < L
-            q_off = (start + rows)[:, None].to(tl.int64)
-            q = tl.load(Q + q_off * s_qt + head * s_qh + offs_d[None, :], mask=rmask[:, None] & dmask, other=0.0)
-            do = tl.load(DO + q_off * s_dot + head * s_doh + offs_d[None, :], mask=rmask[:, None] & dmask,
-                         other=0.0)
+            q = _load_rows(Q + head * s_qh, start, rows, L, s_qt, offs_d, dmask)
+            do = _load_rows(DO + head * s_doh, start, rows, L, s_dot, offs_d, dmask)
             lse = tl.load(LSE + head.to(tl.int64) * T + start + rows, mask=rmask, other=0.0) * LOG2E
             delta = tl.load(DELTA + head.to(tl.int64) * T + start + rows, mask=rmask, other=0.0)
             s, t = _scores(q, k, sm_scale, softcap, HAS_SOFTCAP, PRECISION, UPCAST)
@@ -232,10 +244,8 @@ def _bwd_dkdv_kernel(
                 ds = ds * (1.0 - t * t)
             dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
 
-    out_mask = (cols[:, None] < L) & dmask
-    tl.store(DK + kv_off * s_dkt + kv_head * s_dkh + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=out_mask)
-    tl.store(DV + kv_off * s_dvt + kv_head * s_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
+    _store_rows(DK + kv_head * s_dkh, start, cols, L, s_dkt, offs_d, dmask, dk * sm_scale)
+    _store_rows(DV + kv_head * s_dvh, start, cols, L, s_dvt, offs_d, dmask, dv)
 
 
 @triton.jit
@@ -253,35 +263,25 @@ def _bwd_dq_kernel(
     head = tl.program_id(1)
     if pid >= tl.load(cu_blocks + n_seqs):
         return
-    seq = _find_pair(cu_blocks, pid, n_seqs, search_steps)
-    start = tl.load(cu_seqlens + seq)
-    L = tl.load(cu_seqlens + seq + 1) - start
-    block = pid - tl.load(cu_blocks + seq)
+    start, L, block = _locate(cu_seqlens, cu_blocks, pid, n_seqs, search_steps)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d[None, :] < HEAD_DIM
     rmask = rows < L
-    kv_head = head // GROUP
-    q_off = (start + rows)[:, None].to(tl.int64)
-    q = tl.load(Q + q_off * s_qt + head * s_qh + offs_d[None, :], mask=rmask[:, None] & dmask, other=0.0)
-    do = tl.load(DO + q_off * s_dot + head * s_doh + offs_d[None, :], mask=rmask[:, None] & dmask, other=0.0)
+    K += (head // GROUP) * s_kh
+    V += (head // GROUP) * s_vh
+    q = _load_rows(Q + head * s_qh, start, rows, L, s_qt, offs_d, dmask)
+    do = _load_rows(DO + head * s_doh, start, rows, L, s_dot, offs_d, dmask)
     lse = tl.load(LSE + head.to(tl.int64) * T + start + rows, mask=rmask, other=0.0) * LOG2E
     delta = tl.load(DELTA + head.to(tl.int64) * T + start + rows, mask=rmask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    lo = 0
-    hi = L
-    if CAUSAL:
-        hi = tl.minimum(L, (block + 1) * BLOCK_M)
-    if HAS_WINDOW:
-        lo = tl.maximum(block * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+    lo, hi = _query_key_range(block, L, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
-        kv_off = (start + cols)[:, None].to(tl.int64)
-        cmask = (cols[:, None] < L) & dmask
-        k = tl.load(K + kv_off * s_kt + kv_head * s_kh + offs_d[None, :], mask=cmask, other=0.0)
-        v = tl.load(V + kv_off * s_vt + kv_head * s_vh + offs_d[None, :], mask=cmask, other=0.0)
+        k = _load_rows(K, start, cols, L, s_kt, offs_d, dmask)
+        v = _load_rows(V, start, cols, L, s_vt, offs_d, dmask)
         s, t = _scores(q, k, sm_scale, softcap, HAS_SOFTCAP, PRECISION, UPCAST)
         ok = _visible(rows, cols, L, window, CAUSAL, HAS_WINDOW)
         p = tl.where(ok, tl.exp2(s * LOG2E - lse[:, None]), 0.0)
@@ -290,8 +290,7 @@ def _bwd_dq_kernel(
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
-    tl.store(DQ + q_off * s_dqt + head * s_dqh + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=rmask[:, None] & dmask)
+    _store_rows(DQ + head * s_dqh, start, rows, L, s_dqt, offs_d, dmask, dq * sm_scale)
 
 
 def _schedule(cu_seqlens, block):
@@ -321,14 +320,14 @@ class _VarlenAttention(torch.autograd.Function):
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1), T,
             scale, float(softcap or 1.0), int(window or 0), BLOCK_M=bm, BLOCK_N=bn, **meta,
         )
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
-        ctx.args = (causal, scale, softcap, window)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, cu_blocks)  # dQ reuses the forward's schedule
+        ctx.args = (causal, scale, softcap, window, n_seqs, steps)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-        causal, scale, softcap, window = ctx.args
+        q, k, v, o, lse, cu_seqlens, fwd_blocks = ctx.saved_tensors
+        causal, scale, softcap, window, n_seqs, fwd_steps = ctx.args
         T, Hq, D = q.shape
         Hkv = k.shape[1]
         do = do if do.stride(-1) == 1 else do.contiguous()
@@ -339,19 +338,17 @@ class _VarlenAttention(torch.autograd.Function):
             HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_T=64,
         )
         dq, dk, dv = (empty(*x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-        common = (cu_seqlens,)
         bm, bn = _blocks("bwd", D)
-        cu_blocks, n_seqs, steps = _schedule(cu_seqlens, bn)
+        cu_blocks, _, steps = _schedule(cu_seqlens, bn)
         _bwd_dkdv_kernel[(triton.cdiv(T, bn) + n_seqs, Hkv)](
-            q, k, v, do, lse, delta, dk, dv, *common, cu_blocks, n_seqs, steps,
+            q, k, v, do, lse, delta, dk, dv, cu_seqlens, cu_blocks, n_seqs, steps,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), T,
             scale, float(softcap or 1.0), int(window or 0), BLOCK_M=bm, BLOCK_N=bn, **meta,
         )
         bm, bn = _blocks("fwd", D)
-        cu_blocks, n_seqs, steps = _schedule(cu_seqlens, bm)
         _bwd_dq_kernel[(triton.cdiv(T, bm) + n_seqs, Hq)](
-            q, k, v, do, lse, delta, dq, *common, cu_blocks, n_seqs, steps,
+            q, k, v, do, lse, delta, dq, cu_seqlens, fwd_blocks, n_seqs, fwd_steps,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), T,
             scale, float(softcap or 1.0), int(window or 0), BLOCK_M=bm, BLOCK_N=bn, **meta,

@@ -299,11 +299,10 @@ def _attention_case(provider, shape, dtype):
 LAST_RUN = {}
 
 
-def _sft_demo_case(provider, shape, dtype):
-    """`fasttune sft examples/sft.toml` for `steps` steps, in a fresh process and folder each call;
-    LAST_RUN gets the run's own tokens/s and peak memory (its metrics.jsonl)."""
-    if provider != "fasttune":
-        raise Unavailable(f"no provider {provider!r} for the SFT demo (the HF + PEFT comparison is GPU-only, not built)")
+def _example_run(command, example, data, steps, *sets):
+    """A callable running `fasttune COMMAND examples/EXAMPLE` for `steps` steps in a fresh process and
+    folder; LAST_RUN["rows"] gets its metrics.jsonl, whose own numbers (tokens/s, peak memory, the
+    step's split) the benchmarks report."""
     import json
     import os
     import subprocess
@@ -314,18 +313,23 @@ def _sft_demo_case(provider, shape, dtype):
     root = Path(__file__).resolve().parents[1]
 
     def run():
-        out = Path(tempfile.mkdtemp(prefix="fasttune-bench-sft-"))
-        cmd = [sys.executable, "-m", "fasttune.cli", "sft", str(root / "examples/sft.toml"),
-               "--set", f'run.output_dir="{out}"', "--set", f"train.max_steps={shape['steps']}",
-               "--set", f'data.train="{root}/examples/data/sft_alpaca.jsonl"', "--set", 'data.eval=""',
-               "--set", f"run.save_every={shape['steps']}"]
+        out = Path(tempfile.mkdtemp(prefix=f"fasttune-bench-{command}-"))
+        overrides = [f'run.output_dir="{out}"', f"train.max_steps={steps}", f'data.train="{root}/examples/data/{data}"',
+                     f"run.save_every={steps}", *sets]
+        cmd = [sys.executable, "-m", "fasttune.cli", command, str(root / "examples" / example)]
+        for o in overrides:
+            cmd += ["--set", o]
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
-        rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-        tokens = sum(r["tokens_per_s"] for r in rows) / len(rows)  # mean of the steps' own rates
-        LAST_RUN.update(tokens_per_s=tokens, peak_mb=max(r["peak_memory_mb"] for r in rows),
-                        first_loss=rows[0]["loss"], last_loss=rows[-1]["loss"])
+        LAST_RUN["rows"] = [json.loads(line) for line in open(out / "metrics.jsonl")]
 
     return run
+
+
+def _sft_demo_case(provider, shape, dtype):
+    """`fasttune sft examples/sft.toml` (make demo's run) for `steps` steps."""
+    if provider != "fasttune":
+        raise Unavailable(f"no provider {provider!r} for the SFT demo (the HF + PEFT comparison is GPU-only, not built)")
+    return _example_run("sft", "sft.toml", "sft_alpaca.jsonl", shape["steps"], 'data.eval=""')
 
 
 def _dpo_step_case(provider, shape, dtype):
@@ -380,33 +384,10 @@ def _dpo_step_case(provider, shape, dtype):
 
 
 def _grpo_demo_case(provider, shape, dtype):
-    """`fasttune grpo examples/grpo.toml` for `steps` steps in a fresh process; LAST_RUN gets the mean
-    split of a step (generation, reference, policy forward + backward) and the peak RSS."""
+    """`fasttune grpo examples/grpo.toml` for `steps` steps."""
     if provider != "fasttune":
         raise Unavailable(f"no provider {provider!r} for the GRPO example")
-    import json
-    import os
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-
-    def run():
-        out = Path(tempfile.mkdtemp(prefix="fasttune-bench-grpo-"))
-        cmd = [sys.executable, "-m", "fasttune.cli", "grpo", str(root / "examples/grpo.toml"),
-               "--set", f'run.output_dir="{out}"', "--set", f"train.max_steps={shape['steps']}",
-               "--set", f'data.train="{root}/examples/data/grpo_arithmetic.jsonl"', "--set", f"run.save_every={shape['steps']}"]
-        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
-        rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-        n = len(rows)
-        LAST_RUN.update(
-            grpo_split={k: round(sum(r[k] for r in rows) / n, 4) for k in ("generation_s", "reference_s", "training_s")},
-            grpo_tokens_per_s=sum(r["tokens_per_s"] for r in rows) / n, grpo_peak_mb=max(r["peak_memory_mb"] for r in rows),
-        )
-
-    return run
+    return _example_run("grpo", "grpo.toml", "grpo_arithmetic.jsonl", shape["steps"])
 
 
 def _alloc_case(provider, shape, dtype):

@@ -14,7 +14,6 @@ trains its content and its end-of-turn token, not its role header (the text that
 """
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -283,7 +282,3 @@ def packing_rows(lengths: list[int], capacity: int) -> list[list[int]]:
 
 def packing_efficiency(lengths, rows, capacity) -> float:
     return sum(lengths) / (len(rows) * capacity) if rows else 0.0
-
-
-def steps_per_epoch(n_rows: int, grad_accum: int) -> int:
-    return max(1, math.ceil(n_rows / grad_accum))

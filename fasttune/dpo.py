@@ -81,12 +81,21 @@ class DPOTask:
             with model.disable_adapter():
                 yield
 
-    def sequence_logps(self, model, batch, dev):
-        """Per-sequence label log-probs [2B], summed (or averaged, as dpo_loss does)."""
+    @property
+    def averaged(self):
+        """Sequence log-probs are averaged over tokens, not summed (dpo_loss's rule, as TRL's)."""
+        return self.d.average_log_prob or self.d.loss_type == "ipo"
+
+    def _hidden(self, model, batch, dev):
         inner, head = _inner(model)
         hidden = inner(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev)).last_hidden_state
-        logp = linear_logprobs(hidden.to(head.weight.dtype), head.weight, batch.shift_labels, bias=head.bias).sum(-1)
-        if self.d.average_log_prob or self.d.loss_type == "ipo":
+        return hidden.to(head.weight.dtype), head
+
+    def sequence_logps(self, model, batch, dev):
+        """Per-sequence label log-probs [2B], summed (or averaged, as dpo_loss does)."""
+        hidden, head = self._hidden(model, batch, dev)
+        logp = linear_logprobs(hidden, head.weight, batch.shift_labels, bias=head.bias).sum(-1)
+        if self.averaged:
             logp = logp / (batch.shift_labels != -100).sum(-1).clamp_min(1).to(logp.device)
         return logp
 
@@ -111,7 +120,7 @@ class DPOTask:
         # what the reference log-probs depend on: the data, the reference model, and how they are summed
         key = json.dumps([_file_hash(getattr(c.data, split)), c.model.path, c.model.adapter, c.model.load_in_4bit,
                           c.model.compute_dtype, c.data.format, c.data.roles, c.data.overlong, self.d.max_len,
-                          self.d.max_prompt_len, self.d.average_log_prob or self.d.loss_type == "ipo"], default=str)
+                          self.d.max_prompt_len, self.averaged], default=str)
         path = run_dir / f"reference_logps-{split}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
         if path.is_file():
             return torch.load(path)
@@ -132,15 +141,13 @@ class DPOTask:
 
     def loss(self, model, batch, n_pairs, dev, split="train"):
         ref = self.reference_logps(model, batch, dev, split)
-        inner, head = _inner(model)
-        hidden = inner(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev)).last_hidden_state
+        hidden, head = self._hidden(model, batch, dev)
         d = self.d
-        loss, s = dpo_loss(hidden.to(head.weight.dtype), head.weight, batch.shift_labels.view(hidden.shape[:2]),
+        loss, s = dpo_loss(hidden, head.weight, batch.shift_labels.view(hidden.shape[:2]),
                            ref_logps=ref, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
                            average_log_prob=d.average_log_prob, num_pairs=n_pairs)
         if d.sft_weight:
-            per_token = s.chosen_logps if (d.average_log_prob or d.loss_type == "ipo") else \
-                s.chosen_logps / s.chosen_tokens.clamp_min(1)
+            per_token = s.chosen_logps if self.averaged else s.chosen_logps / s.chosen_tokens.clamp_min(1)
             loss = loss + d.sft_weight * (-per_token).sum() / n_pairs
         stats = {"rewards_chosen": s.chosen_rewards.mean(), "rewards_rejected": s.rejected_rewards.mean(),
                  "reward_accuracy": s.reward_accuracy, "reward_margin": s.reward_margin,

@@ -145,7 +145,7 @@ class DPOTask:
         d = self.d
         loss, s = dpo_loss(hidden, head.weight, batch.shift_labels.view(hidden.shape[:2]),
                            ref_logps=ref, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
-                           average_log_prob=d.average_log_prob, num_pairs=n_pairs)
+                           average_log_prob=d.average_log_prob, num_pairs=n_pairs, bias=head.bias)
         if d.sft_weight:
             per_token = s.chosen_logps if self.averaged else s.chosen_logps / s.chosen_tokens.clamp_min(1)
             loss = loss + d.sft_weight * (-per_token).sum() / n_pairs

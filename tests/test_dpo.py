@@ -180,3 +180,20 @@ def test_start_from_an_sft_adapter(tmp_path):
     train_dpo(cfg, log=quiet)
     first = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
     assert abs(first["rewards_chosen"]) < 1e-5 and abs(first["loss"] - 0.693147) < 1e-4
+
+
+def test_policy_and_reference_use_the_same_head_bias(tmp_path):
+    """A head with a bias: at LoRA's init (B = 0) policy = reference, so rewards are 0 and the loss ln 2."""
+    cfg = config(tmp_path)
+    task = DPOTask(cfg, load_tokenizer(cfg.model), quiet)
+    model = load_model(cfg)
+    lm = model.get_base_model()
+    head = torch.nn.Linear(lm.lm_head.in_features, lm.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(lm.lm_head.weight)
+        head.bias.normal_(0, 1.0)
+    head.requires_grad_(False)
+    lm.lm_head = head
+    with torch.no_grad():
+        loss, stats = task.loss(model, task.batch(task.pairs, [0, 1, 2]), 3, torch.device("cpu"))
+    assert abs(float(stats["rewards_chosen"])) < 1e-5 and abs(float(loss) - 0.693147) < 1e-5

@@ -234,8 +234,11 @@ def train(cfg, task_cls, log=print) -> dict:
                 loss.backward()
                 loss_sum += loss.detach()
                 for k, v in stats.items():  # per-micro-batch means, weighted by the micro-batch's count
-                    extra[k] = extra.get(k, 0.0) + float(v) * task.count(b) / n_items
-            loss = float(loss_sum)  # the one host sync of the step
+                    v = torch.as_tensor(v, dtype=torch.float32, device=dev)
+                    extra[k] = extra.get(k, 0.0) + v * (task.count(b) / n_items)
+            # the one host sync of the step: the loss and the task's statistics together
+            loss, *values = torch.stack([loss_sum.float(), *extra.values()]).tolist()
+            extra = dict(zip(extra, values))
             if not math.isfinite(loss):
                 last = checkpoint.checkpoints(run_dir)
                 raise TrainingError(f"the loss is {loss} at step {step + 1}; stopped before the optimizer step. "

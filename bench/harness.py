@@ -2,7 +2,7 @@
 
 A case is a kernel (or workload) at one shape and dtype, run by one provider (fasttune, the naive
 PyTorch way, or a peer). Time comes from pytest-benchmark in the test process (median of
-rounds after a warm-up). Peak memory comes from a fresh subprocess (`bench/probe.py`) that runs
+rounds after a warm-up; short cases get more rounds, for at least 2 s of timed work). Peak memory comes from a fresh subprocess (`bench/probe.py`) that runs
 the case once to warm up, then once more measured:
 - CUDA: torch.cuda.max_memory_allocated() over the allocation before the run;
 - CPU:  the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) over its RSS before
@@ -15,10 +15,12 @@ skipped with the reason and recorded as skipped, never timed with a stand-in.
 import datetime
 import functools
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,10 @@ import torch
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
+
+
+MIN_TIMED_S = 2.0  # seconds of timed rounds per case at least (short cases get more rounds)
+MAX_ROUNDS = 30
 
 
 class Unavailable(Exception):
@@ -177,8 +183,16 @@ def bench_case(benchmark, recorder, kernel, provider, shape, dtype, *, tokens, f
     if res.skipped:
         recorder.append(res)
         pytest.skip(res.skipped)
-    rounds = rounds or int(os.environ.get("BENCH_ROUNDS", 3))
-    benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
+    if rounds is None:
+        # The warm-up call, timed, sets the rounds: at least BENCH_ROUNDS (3), and enough for
+        # MIN_TIMED_S of timed work, so a 0.2 s case is a median of ~10 rounds, not of 3 noisy ones.
+        t0 = time.perf_counter()
+        run()
+        first = time.perf_counter() - t0
+        rounds = min(MAX_ROUNDS, max(int(os.environ.get("BENCH_ROUNDS", 3)), math.ceil(MIN_TIMED_S / max(first, 1e-6))))
+        benchmark.pedantic(run, rounds=rounds, warmup_rounds=0, iterations=1)
+    else:
+        benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
     stats = benchmark.stats.stats
     res.median_s, res.min_s, res.rounds = stats.median, stats.min, rounds
     res.tokens_per_s = tokens / stats.median

@@ -18,9 +18,11 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = Path(__file__).resolve().parent / "baseline.json"
-# (kernel, slower provider): the same-run speed ratios CI guards (that provider's time / fasttune's)
+# (kernel, slower provider): the same-run speed ratios CI guards (that provider's time / fasttune's).
+# Not dpo_step: on the tiny model (V = 260) the two ways take about the same time, and a ratio near 1
+# drifts ±20% between runs on 2 shared cores; dpo_loss above guards the fused head's speed.
 GUARDED = [("fused_linear_cross_entropy", "naive"), ("dpo_loss", "naive"), ("grpo_loss", "naive"),
-           ("varlen_attention", "sdpa_padded"), ("dpo_step", "naive")]
+           ("varlen_attention", "sdpa_padded")]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 

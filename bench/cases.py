@@ -14,14 +14,7 @@ Providers:
 import torch
 import torch.nn.functional as F
 
-from harness import Unavailable, device, sync
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _cuda_only(name):
-    if not torch.cuda.is_available():
-        raise Unavailable(f"{name} runs on CUDA only")
+from common import DTYPES, Unavailable, cuda_only, device, sync
 
 
 def _flce_inputs(shape, dtype):
@@ -49,14 +42,14 @@ def _flce_loss(provider):
     if provider == "torch_compile":
         return torch.compile(lambda h, w, y: F.cross_entropy(F.linear(h, w).float(), y))
     if provider == "liger":
-        _cuda_only("Liger-Kernel")
+        cuda_only("Liger-Kernel")
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
         except ImportError as e:
             raise Unavailable(f"liger-kernel not installed ({e})") from None
         return lambda h, w, y: liger_fused_linear_cross_entropy(h, w, y)
     if provider == "cce":
-        _cuda_only("cut-cross-entropy")
+        cuda_only("cut-cross-entropy")
         try:
             from cut_cross_entropy import linear_cross_entropy
         except ImportError as e:
@@ -68,7 +61,7 @@ def _flce_loss(provider):
 def _flce_case(provider, shape, dtype):
     h, w, y = _flce_inputs(shape, DTYPES[dtype])
     if provider == "matmul_floor":
-        _cuda_only("the matmul floor")  # on the CPU the naive path is the floor's fair stand-in
+        cuda_only("the matmul floor")  # on the CPU the naive path is the floor's fair stand-in
         g = torch.randn(h.shape[0], w.shape[0], device=h.device, dtype=h.dtype)
 
         def run():
@@ -128,7 +121,7 @@ def _dpo_case(provider, shape, dtype):
             r = seq - ref
             return -F.logsigmoid(0.1 * ((r[:B]) - r[B:])).mean()
     elif provider == "liger":
-        _cuda_only("Liger-Kernel")
+        cuda_only("Liger-Kernel")
         try:
             from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
         except ImportError as e:
@@ -172,7 +165,7 @@ def _grpo_case(provider, shape, dtype):
             per_tok = per_tok + 0.04 * (torch.exp(d) - d - 1)
             return (per_tok * m).sum() / m.sum()
     elif provider == "liger":
-        _cuda_only("Liger-Kernel")
+        cuda_only("Liger-Kernel")
         try:
             from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
         except ImportError as e:
@@ -261,13 +254,13 @@ def _attention_case(provider, shape, dtype):
             o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask[:, None], enable_gqa=True)
             return o.transpose(1, 2).reshape(B * Lmax, Hq, D)[where]
     elif provider == "varlen_attn":
-        _cuda_only("torch.nn.attention.varlen.varlen_attn")
+        cuda_only("torch.nn.attention.varlen.varlen_attn")
         from torch.nn.attention.varlen import varlen_attn
 
         def fwd():
             return varlen_attn(q, k, v, cu, cu, max(lens), max(lens), window_size=(-1, 0), enable_gqa=True)
     elif provider == "flex":
-        _cuda_only("FlexAttention (compiled)")
+        cuda_only("FlexAttention (compiled)")
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         doc = torch.repeat_interleave(torch.arange(len(lens), device=device()), torch.tensor(lens, device=device()))

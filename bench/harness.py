@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from common import Unavailable, device, sync  # noqa: F401 - the harness's API for the benchmark files
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
@@ -33,10 +35,6 @@ RESULTS = BENCH / "results"
 
 MIN_TIMED_S = 2.0  # seconds of timed rounds per case at least (short cases get more rounds)
 MAX_ROUNDS = 30
-
-
-class Unavailable(Exception):
-    """A provider that cannot run here; the message says why."""
 
 
 @dataclass
@@ -54,10 +52,6 @@ class Result:
     tflops: float | None = None
     skipped: str | None = None
     extra: dict = field(default_factory=dict)
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def device_name() -> str:
@@ -101,11 +95,6 @@ def env_info() -> dict:
         "versions": {p: v for p in packages if (v := _version(p))},
         "cuda": torch.version.cuda,
     }
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 _memory_cache: dict = {}

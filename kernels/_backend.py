@@ -23,7 +23,9 @@ except ImportError:  # pragma: no cover - platforms without triton
     HAS_TRITON = False
 
     class _Stub:
-        constexpr = object
+        @staticmethod
+        def constexpr(value=None):  # stands in for the annotation and for tl.constexpr(value)
+            return value
 
         @staticmethod
         def jit(fn=None, **kwargs):
@@ -83,3 +85,23 @@ def chunk_rows(vocab: int, device: torch.device, dtype: torch.dtype, chunk_size:
     if rows >= 128:  # whole tiles for the matmuls
         rows -= rows % 64
     return rows
+
+
+def aot_signature(fn, dtype: str, floats=(), fp32=(), i32=(), scalars=()) -> dict:
+    """The signature `triton.compile` needs for `fn`, for the ahead-of-time compile check: pointers
+    (names in upper case, or ending in _ptr) point at `dtype` unless listed
+    in `fp32` or `i32`, or named in `scalars` (i32); `floats` are
+    fp32 scalars; parameters annotated constexpr are constexprs; every other one is an i32 scalar."""
+    sig = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name in fp32:
+            sig[p.name] = "*fp32"
+        elif p.name in i32:
+            sig[p.name] = "*i32"
+        elif (p.name.isupper() or p.name.endswith("_ptr")) and p.name not in scalars:
+            sig[p.name] = "*" + dtype
+        else:
+            sig[p.name] = "fp32" if p.name in floats else "i32"
+    return sig

@@ -26,23 +26,50 @@ The PyTorch path (CPU) runs each sample through scaled_dot_product_attention.
 """
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
-from ._backend import empty, interpreting, pick_backend, tl, triton
+from ._backend import aot_signature, empty, interpreting, pick_backend, tl, triton
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # @triton.jit code may read no module global but a constexpr
+NO_WINDOW = 1 << 30  # the window passed when there is none: every key of a sample is within it
 
-# (BLOCK_M, BLOCK_N) for the forward and dQ (query rows, key columns) and for dK/dV; tests shrink them.
-BLOCKS = {"fwd": (64, 64), "bwd": (64, 64)}
-
-
-def _blocks(kind, head_dim):
-    bm, bn = BLOCKS[kind]
-    if head_dim > 128:  # keep the tiles within shared memory
-        bm, bn = min(bm, 64), min(bn, 32)
-    return bm, bn
+# Launch table. For each pass, per head-dim tile BLOCK_D and element size in bytes, the tiles it may
+# use: (BLOCK_M query rows, BLOCK_N key rows, num_warps, num_stages). The first entry is the
+# default: the interpreter runs it, and it fits the 99 KiB of shared memory of the smallest GPU we
+# target (sm_86/sm_89). On a GPU the launcher times a pass's entries once per shape class and keeps
+# the fastest (`_tile`). tests/test_gpu_compile.py compiles every entry (`gpu_variants`).
+TILES = {
+    "fwd": {
+        (64, 2): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+        (128, 2): [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2)],
+        (256, 2): [(16, 32, 8, 1)],
+        (64, 4): [(32, 32, 8, 2)],
+        (128, 4): [(16, 32, 8, 1)],
+        (256, 4): [(16, 32, 8, 1)],
+    },
+    "dq": {
+        (64, 2): [(64, 64, 8, 2), (128, 32, 8, 2)],
+        (128, 2): [(64, 32, 8, 2), (32, 64, 8, 2)],
+        (256, 2): [(16, 32, 8, 1)],
+        (64, 4): [(32, 32, 8, 2)],
+        (128, 4): [(16, 32, 8, 1)],
+        (256, 4): [(16, 32, 8, 1)],
+    },
+    "dkdv": {
+        (64, 2): [(64, 32, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
+        (128, 2): [(32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)],
+        (256, 2): [(16, 32, 8, 1)],
+        (64, 4): [(16, 32, 8, 1)],
+        (128, 4): [(16, 32, 8, 1)],
+        (256, 4): [(16, 32, 8, 1)],
+    },
+}
+HEAD_DIMS = (64, 80, 96, 128, 256)  # the head dims the compile check covers (and the table serves)
+FORCE_TILES = None  # {pass: tile}: tests run small or chosen tiles under the interpreter
+_TUNED = {}  # autotune cache: (pass, dtype, BLOCK_D, length class, device) -> tile
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,74 +124,92 @@ def _store_rows(ptr, start, idx, L, stride_t, offs_d, dmask, value):
 
 
 @triton.jit
-def _query_key_range(block, L, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                     HAS_WINDOW: tl.constexpr):
-    """The keys a query block can see: up to its diagonal (causal), from its oldest visible key (window)."""
-    lo = block * 0
+def _key_range(r0, L, window, causal, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keys the query rows [r0, r0 + BLOCK_M) can see: up to the diagonal (causal), from the
+    oldest key in the window; lo is a multiple of BLOCK_N."""
+    lo = tl.maximum(r0 - window + 1, 0) // BLOCK_N * BLOCK_N
     hi = L
-    if CAUSAL:
-        hi = tl.minimum(L, (block + 1) * BLOCK_M)
-    if HAS_WINDOW:
-        lo = tl.maximum(block * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+    if causal:
+        hi = tl.minimum(L, r0 + BLOCK_M)
     return lo, hi
 
 
 @triton.jit
-def _scores(q, k, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Scaled (and softcapped) scores of a [M, D] x [N, D] tile in fp32; also tanh for the backward."""
+def _query_range(c0, L, window, causal, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The queries that can see a key of [c0, c0 + BLOCK_N): from the block of the diagonal
+    (causal), up to the last key + window; lo is a multiple of BLOCK_M."""
+    lo = c0 * 0
+    if causal:
+        lo = c0 // BLOCK_M * BLOCK_M
+    return lo, tl.minimum(L, c0 + BLOCK_N - 1 + window)
+
+
+@triton.jit
+def _needs_mask(r0, c0, L, window, causal, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Only the tiles (query rows [r0, r0 + BLOCK_M), keys [c0, c0 + BLOCK_N)) that cross the end of
+    the sample, the causal diagonal or the window's edge pay for the mask; full tiles skip it."""
+    edge = (r0 + BLOCK_M > L) | (c0 + BLOCK_N > L)
+    diagonal = (causal != 0) & (c0 + BLOCK_N - 1 > r0)
+    outside = r0 + BLOCK_M - 1 - c0 >= window
+    return edge | diagonal | outside
+
+
+@triton.jit
+def _visible(rows, cols, L, window, causal):
+    ok = (rows[:, None] < L) & (cols[None, :] < L) & (rows[:, None] - cols[None, :] < window)
+    if causal:
+        ok = ok & (rows[:, None] >= cols[None, :])
+    return ok
+
+
+@triton.jit
+def _scores(q, k, sm_scale, softcap, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Scaled (and, if softcap > 0, softcapped) scores of a [M, D] x [N, D] tile in fp32; also
+    tanh for the backward."""
     s = _mm(q, tl.trans(k), PRECISION, UPCAST) * sm_scale
     t = s
-    if HAS_SOFTCAP:
+    if softcap > 0:
         t = _tanh(s / softcap)
         s = softcap * t
     return s, t
 
 
 @triton.jit
-def _visible(rows, cols, L, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    ok = (rows[:, None] < L) & (cols[None, :] < L)
-    if CAUSAL:
-        ok = ok & (rows[:, None] >= cols[None, :])
-    if HAS_WINDOW:
-        ok = ok & (rows[:, None] - cols[None, :] < window)
-    return ok
-
-
-@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,  # O like Q; LSE [Hq, T] fp32
     cu_seqlens, cu_blocks, n_seqs, search_steps,
-    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, T,
-    sm_scale, softcap, window,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, n_tok,
+    sm_scale, softcap, window, group, causal,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     head = tl.program_id(1)
     if pid >= tl.load(cu_blocks + n_seqs):
         return
     start, L, block = _locate(cu_seqlens, cu_blocks, pid, n_seqs, search_steps)
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)  # positions within the sample
+    r0 = block * BLOCK_M
+    rows = r0 + tl.arange(0, BLOCK_M)  # positions within the sample
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d[None, :] < HEAD_DIM
-    K += (head // GROUP) * s_kh
-    V += (head // GROUP) * s_vh
+    K += (head // group) * s_kh
+    V += (head // group) * s_vh
 
     q = _load_rows(Q + head * s_qh, start, rows, L, s_qt, offs_d, dmask)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, base 2
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    lo, hi = _query_key_range(block, L, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    lo, hi = _key_range(r0, L, window, causal, BLOCK_M, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
         k = _load_rows(K, start, cols, L, s_kt, offs_d, dmask)
         v = _load_rows(V, start, cols, L, s_vt, offs_d, dmask)
-        s, _ = _scores(q, k, sm_scale, softcap, HAS_SOFTCAP, PRECISION, UPCAST)
-        s = tl.where(_visible(rows, cols, L, window, CAUSAL, HAS_WINDOW), s * LOG2E, float("-inf"))
+        s, _ = _scores(q, k, sm_scale, softcap, PRECISION, UPCAST)
+        s = s * LOG2E
+        if _needs_mask(r0, n0, L, window, causal, BLOCK_M, BLOCK_N):
+            s = tl.where(_visible(rows, cols, L, window, causal), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
         alpha = tl.exp2(m_i - m_safe)
@@ -175,42 +220,40 @@ def _fwd_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
-    rmask = rows < L
     _store_rows(O + head * s_oh, start, rows, L, s_ot, offs_d, dmask, o)
     lse = (m_i + tl.log2(l_safe)) / LOG2E
-    tl.store(LSE + head.to(tl.int64) * T + start + rows, lse, mask=rmask)
+    tl.store(LSE + head.to(tl.int64) * n_tok + start + rows, lse, mask=rows < L)
 
 
 @triton.jit
-def _delta_kernel(O, DO, DELTA, s_ot, s_oh, s_dt, s_dh, T,
+def _delta_kernel(O, DO, DELTA, s_ot, s_oh, s_dt, s_dh, n_tok,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
     # delta[h, t] = Σ_d dO[t, h, d] · O[t, h, d]
     head = tl.program_id(1)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
-    mask = (t[:, None] < T) & (d[None, :] < HEAD_DIM)
+    mask = (t[:, None] < n_tok) & (d[None, :] < HEAD_DIM)
     o = tl.load(O + t[:, None].to(tl.int64) * s_ot + head * s_oh + d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + t[:, None].to(tl.int64) * s_dt + head * s_dh + d[None, :], mask=mask, other=0.0)
-    tl.store(DELTA + head.to(tl.int64) * T + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=t < T)
+    tl.store(DELTA + head.to(tl.int64) * n_tok + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=t < n_tok)
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     cu_seqlens, cu_blocks, n_seqs, search_steps,
-    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dkt, s_dkh, s_dvt, s_dvh, T,
-    sm_scale, softcap, window,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dkt, s_dkh, s_dvt, s_dvh, n_tok,
+    sm_scale, softcap, window, group, causal,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     if pid >= tl.load(cu_blocks + n_seqs):
         return
     start, L, block = _locate(cu_seqlens, cu_blocks, pid, n_seqs, search_steps)
-    cols = block * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's keys
+    c0 = block * BLOCK_N
+    cols = c0 + tl.arange(0, BLOCK_N)  # this program's keys
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d[None, :] < HEAD_DIM
@@ -219,28 +262,24 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
-    lo = 0
-    hi = L
-    if CAUSAL:  # queries before this block's first key see none of it
-        lo = block * BLOCK_N // BLOCK_M * BLOCK_M
-    if HAS_WINDOW:  # queries past the last key + window see none of it
-        hi = tl.minimum(L, (block + 1) * BLOCK_N - 1 + window)
-    for g in range(GROUP):
-        head = kv_head * GROUP + g
+    lo, hi = _query_range(c0, L, window, causal, BLOCK_M, BLOCK_N)
+    for g in range(group):  # every q head of the group, in order: deterministic, no atomics
+        head = kv_head * group + g
         for m0 in range(lo, hi, BLOCK_M):
             rows = m0 + offs_m
             rmask = rows < L
             q = _load_rows(Q + head * s_qh, start, rows, L, s_qt, offs_d, dmask)
             do = _load_rows(DO + head * s_doh, start, rows, L, s_dot, offs_d, dmask)
-            lse = tl.load(LSE + head.to(tl.int64) * T + start + rows, mask=rmask, other=0.0) * LOG2E
-            delta = tl.load(DELTA + head.to(tl.int64) * T + start + rows, mask=rmask, other=0.0)
-            s, t = _scores(q, k, sm_scale, softcap, HAS_SOFTCAP, PRECISION, UPCAST)
-            ok = _visible(rows, cols, L, window, CAUSAL, HAS_WINDOW)
-            p = tl.where(ok, tl.exp2(s * LOG2E - lse[:, None]), 0.0)
+            lse = tl.load(LSE + head.to(tl.int64) * n_tok + start + rows, mask=rmask, other=0.0) * LOG2E
+            delta = tl.load(DELTA + head.to(tl.int64) * n_tok + start + rows, mask=rmask, other=0.0)
+            s, t = _scores(q, k, sm_scale, softcap, PRECISION, UPCAST)
+            p = tl.exp2(s * LOG2E - lse[:, None])
+            if _needs_mask(m0, c0, L, window, causal, BLOCK_M, BLOCK_N):
+                p = tl.where(_visible(rows, cols, L, window, causal), p, 0.0)
             dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
             dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
             ds = p * (dp - delta[:, None])
-            if HAS_SOFTCAP:
+            if softcap > 0:
                 ds = ds * (1.0 - t * t)
             dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)
 
@@ -252,45 +291,50 @@ def _bwd_dkdv_kernel(
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     cu_seqlens, cu_blocks, n_seqs, search_steps,
-    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dqt, s_dqh, T,
-    sm_scale, softcap, window,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dqt, s_dqh, n_tok,
+    sm_scale, softcap, window, group, causal,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     head = tl.program_id(1)
     if pid >= tl.load(cu_blocks + n_seqs):
         return
     start, L, block = _locate(cu_seqlens, cu_blocks, pid, n_seqs, search_steps)
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    r0 = block * BLOCK_M
+    rows = r0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d[None, :] < HEAD_DIM
     rmask = rows < L
-    K += (head // GROUP) * s_kh
-    V += (head // GROUP) * s_vh
+    K += (head // group) * s_kh
+    V += (head // group) * s_vh
     q = _load_rows(Q + head * s_qh, start, rows, L, s_qt, offs_d, dmask)
     do = _load_rows(DO + head * s_doh, start, rows, L, s_dot, offs_d, dmask)
-    lse = tl.load(LSE + head.to(tl.int64) * T + start + rows, mask=rmask, other=0.0) * LOG2E
-    delta = tl.load(DELTA + head.to(tl.int64) * T + start + rows, mask=rmask, other=0.0)
+    lse = tl.load(LSE + head.to(tl.int64) * n_tok + start + rows, mask=rmask, other=0.0) * LOG2E
+    delta = tl.load(DELTA + head.to(tl.int64) * n_tok + start + rows, mask=rmask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    lo, hi = _query_key_range(block, L, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    lo, hi = _key_range(r0, L, window, causal, BLOCK_M, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
         k = _load_rows(K, start, cols, L, s_kt, offs_d, dmask)
         v = _load_rows(V, start, cols, L, s_vt, offs_d, dmask)
-        s, t = _scores(q, k, sm_scale, softcap, HAS_SOFTCAP, PRECISION, UPCAST)
-        ok = _visible(rows, cols, L, window, CAUSAL, HAS_WINDOW)
-        p = tl.where(ok, tl.exp2(s * LOG2E - lse[:, None]), 0.0)
+        s, t = _scores(q, k, sm_scale, softcap, PRECISION, UPCAST)
+        p = tl.exp2(s * LOG2E - lse[:, None])
+        if _needs_mask(r0, n0, L, window, causal, BLOCK_M, BLOCK_N):
+            p = tl.where(_visible(rows, cols, L, window, causal), p, 0.0)
         dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
-        if HAS_SOFTCAP:
+        if softcap > 0:
             ds = ds * (1.0 - t * t)
         dq += _mm(ds.to(k.dtype), k, PRECISION, UPCAST)
     _store_rows(DQ + head * s_dqh, start, rows, L, s_dqt, offs_d, dmask, dq * sm_scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
 
 
 def _schedule(cu_seqlens, block):
@@ -303,66 +347,145 @@ def _schedule(cu_seqlens, block):
     return cu_blocks, n_seqs, max(1, math.ceil(math.log2(n_seqs + 1)) + 1)
 
 
-class _VarlenAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, causal, scale, softcap, window):
-        T, Hq, D = q.shape
-        Hkv = k.shape[1]
-        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        o = empty(T, Hq, D, dtype=q.dtype, device=q.device)
-        lse = empty(Hq, T, dtype=torch.float32, device=q.device)
-        meta = _meta(q, Hq // Hkv, D, causal, softcap, window)
-        bm, bn = _blocks("fwd", D)
+def _block_d(head_dim):
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _delta_rows(block_d):
+    return min(64, max(16, 4096 // block_d))  # rows of the delta kernel: 4096 elements per tile
+
+
+def _entries(pass_, dtype, head_dim):
+    """The table's tiles for a pass at this head dim and dtype."""
+    block_d = _block_d(head_dim)
+    if block_d > 256:
+        raise ValueError(f"varlen_attention's Triton path supports head dims up to 256, got {head_dim}")
+    return TILES[pass_][(max(64, block_d), 4 if dtype == torch.float32 else 2)]
+
+
+def _tile(pass_, q, launch):
+    """The tile a pass runs with: forced (tests), the default (interpreter, FASTTUNE_AUTOTUNE=0, a
+    single entry), or the fastest entry, timed once per (dtype, head dim, length class, device)."""
+    if FORCE_TILES is not None:
+        return FORCE_TILES[pass_]
+    entries = _entries(pass_, q.dtype, q.shape[-1])
+    if len(entries) == 1 or interpreting() or os.environ.get("FASTTUNE_AUTOTUNE", "1") == "0":
+        return entries[0]
+    key = (pass_, q.dtype, q.shape[-1], triton.next_power_of_2(q.shape[0]), q.device)
+    if key not in _TUNED:
+        _TUNED[key] = min(entries, key=lambda tile: _time(launch, tile))
+    return _TUNED[key]
+
+
+def _time(launch, tile):
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        return triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=20)
+    except OutOfResources:  # more shared memory or registers than this GPU has
+        return float("inf")
+
+
+def _meta(q):
+    D = q.shape[-1]
+    return dict(
+        HEAD_DIM=D, BLOCK_D=_block_d(D),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=interpreting() and q.dtype == torch.bfloat16,
+    )
+
+
+def _forward(q, k, v, cu_seqlens, scale, softcap, window, causal):
+    T, Hq, D = q.shape
+    o = empty(T, Hq, D, dtype=q.dtype, device=q.device)
+    lse = empty(Hq, T, dtype=torch.float32, device=q.device)
+    args = (scale, softcap, window, Hq // k.shape[1], causal)
+
+    def launch(tile):
+        bm, bn, warps, stages = tile
         cu_blocks, n_seqs, steps = _schedule(cu_seqlens, bm)
-        grid = (triton.cdiv(T, bm) + n_seqs, Hq)
-        _fwd_kernel[grid](
+        _fwd_kernel[(triton.cdiv(T, bm) + n_seqs, Hq)](
             q, k, v, o, lse, cu_seqlens, cu_blocks, n_seqs, steps,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1), T,
-            scale, float(softcap or 1.0), int(window or 0), BLOCK_M=bm, BLOCK_N=bn, **meta,
+            *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **_meta(q),
         )
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, cu_blocks)  # dQ reuses the forward's schedule
-        ctx.args = (causal, scale, softcap, window, n_seqs, steps)
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cu_seqlens, fwd_blocks = ctx.saved_tensors
-        causal, scale, softcap, window, n_seqs, fwd_steps = ctx.args
-        T, Hq, D = q.shape
-        Hkv = k.shape[1]
-        do = do if do.stride(-1) == 1 else do.contiguous()
-        meta = _meta(q, Hq // Hkv, D, causal, softcap, window)
-        delta = empty(Hq, T, dtype=torch.float32, device=q.device)
-        _delta_kernel[(triton.cdiv(T, 64), Hq)](
-            o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), T,
-            HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_T=64,
-        )
-        dq, dk, dv = (empty(*x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-        bm, bn = _blocks("bwd", D)
-        cu_blocks, _, steps = _schedule(cu_seqlens, bn)
+    launch(_tile("fwd", q, launch))
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, cu_seqlens, scale, softcap, window, causal):
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    meta = _meta(q)
+    delta = empty(Hq, T, dtype=torch.float32, device=q.device)
+    rows = _delta_rows(meta["BLOCK_D"])
+    _delta_kernel[(triton.cdiv(T, rows), Hq)](
+        o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), T,
+        HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_T=rows,
+    )
+    dq, dk, dv = (empty(*x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    args = (scale, softcap, window, Hq // Hkv, causal)
+
+    def launch_dkdv(tile):
+        bm, bn, warps, stages = tile
+        cu_blocks, n_seqs, steps = _schedule(cu_seqlens, bn)
         _bwd_dkdv_kernel[(triton.cdiv(T, bn) + n_seqs, Hkv)](
             q, k, v, do, lse, delta, dk, dv, cu_seqlens, cu_blocks, n_seqs, steps,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), T,
-            scale, float(softcap or 1.0), int(window or 0), BLOCK_M=bm, BLOCK_N=bn, **meta,
+            *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta,
         )
-        bm, bn = _blocks("fwd", D)
+
+    def launch_dq(tile):
+        bm, bn, warps, stages = tile
+        cu_blocks, n_seqs, steps = _schedule(cu_seqlens, bm)
         _bwd_dq_kernel[(triton.cdiv(T, bm) + n_seqs, Hq)](
-            q, k, v, do, lse, delta, dq, cu_seqlens, fwd_blocks, n_seqs, fwd_steps,
+            q, k, v, do, lse, delta, dq, cu_seqlens, cu_blocks, n_seqs, steps,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), T,
-            scale, float(softcap or 1.0), int(window or 0), BLOCK_M=bm, BLOCK_N=bn, **meta,
+            *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta,
         )
+
+    launch_dkdv(_tile("dkdv", q, launch_dkdv))
+    launch_dq(_tile("dq", q, launch_dq))
+    return dq, dk, dv
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, causal, scale, softcap, window):
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        # Runtime switches, not constexprs: softcap 0 and window NO_WINDOW switch those off.
+        ctx.args = (scale, float(softcap or 0.0), int(window or NO_WINDOW), int(bool(causal)))
+        o, lse = _forward(q, k, v, cu_seqlens, *ctx.args)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)  # o for delta = rowsum(dO ∘ O)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        dq, dk, dv = _backward(do, q, k, v, o, lse, cu_seqlens, *ctx.args)
         return dq, dk, dv, None, None, None, None, None
 
 
-def _meta(q, group, D, causal, softcap, window):
-    return dict(
-        GROUP=group, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        CAUSAL=bool(causal), HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=interpreting() and q.dtype == torch.bfloat16,
-    )
+def gpu_variants():
+    """Every build the launchers can pick, for the ahead-of-time compile check (kernels/_aot.py):
+    (name, kernel, signature, constexprs, num_warps, num_stages, is the default tile)."""
+    kernels = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel}
+    floats = ("sm_scale", "softcap")
+    for dtype, ty in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        for D in HEAD_DIMS:
+            meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), PRECISION="ieee" if ty == "fp32" else "tf32", UPCAST=False)
+            for pass_, fn in kernels.items():
+                sig = aot_signature(fn, ty, floats, fp32=("LSE", "DELTA"), i32=("cu_seqlens", "cu_blocks"))
+                for i, (bm, bn, warps, stages) in enumerate(_entries(pass_, dtype, D)):
+                    yield (f"attention.{pass_} {ty} D={D} tile={bm}x{bn} w{warps} s{stages}", fn, sig,
+                           dict(meta, BLOCK_M=bm, BLOCK_N=bn), warps, stages, i == 0)
+            sig = aot_signature(_delta_kernel, ty, (), fp32=("DELTA",))
+            yield (f"attention.delta {ty} D={D}", _delta_kernel, sig,
+                   dict(HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_T=_delta_rows(_block_d(D))), 4, 3, True)
 
 
 # --------------------------------------------------------------------------------------------

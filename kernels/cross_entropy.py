@@ -40,9 +40,12 @@ from typing import NamedTuple
 
 import torch
 
-from ._backend import chunk_rows, empty, pick_backend, tl, triton
+from ._backend import aot_signature, chunk_rows, empty, pick_backend, tl, triton
 
-MAX_BLOCK_V = 4096  # vocabulary tile of the row kernel; tests lower it to cover many tiles
+# Launch table of the row kernel: (BLOCK_V, num_warps). A vocabulary takes the smallest tile that
+# holds it, else the largest. kernels/_aot.py compiles every entry; tests swap in a small tile to
+# cover many tiles per row.
+ROW_TILES = ((1024, 4), (2048, 8), (4096, 16))
 
 
 class _Opts(NamedTuple):
@@ -181,16 +184,31 @@ def _rows_triton(logits, grad, labels, weights, o: _Opts):
     loss, lse, correct = (empty(C, dtype=torch.float32, device=logits.device) for _ in range(3))
     entropy = empty(C, dtype=torch.float32, device=logits.device) if o.entropy else None
     if C > 0:
-        block = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+        block, warps = next((t for t in ROW_TILES if t[0] >= V), ROW_TILES[-1])
         g = grad if grad is not None else logits
         _ce_rows_kernel[(C,)](
             logits, logits.stride(0), g, g.stride(0), labels, weights,
             loss, lse, correct, entropy if o.entropy else loss,
             V, o.eps, o.z_loss, float(o.softcap or 1.0), o.inv_temp,
             HAS_SOFTCAP=o.softcap is not None, COMPUTE_GRAD=grad is not None, COMPUTE_ENTROPY=o.entropy,
-            BLOCK_V=block, num_warps=16 if block >= 4096 else 8 if block >= 2048 else 4,
+            BLOCK_V=block, num_warps=warps,
         )
     return loss, lse, correct, entropy
+
+
+def gpu_variants():
+    """Every build `_rows_triton` can pick, for the ahead-of-time compile check (kernels/_aot.py)."""
+    for ty in ("fp32", "bf16", "fp16"):
+        sig = aot_signature(_ce_rows_kernel, ty, ("label_smoothing", "z_loss", "softcap", "inv_temp"),
+                            fp32=("weights_ptr", "loss_ptr", "lse_ptr", "correct_ptr", "entropy_ptr"), scalars=("V",))
+        sig["labels_ptr"] = "*i64"
+        for softcap in (False, True):
+            for grad in (False, True):
+                for entropy in (False, True):
+                    for i, (block, warps) in enumerate(ROW_TILES):
+                        flags = dict(HAS_SOFTCAP=softcap, COMPUTE_GRAD=grad, COMPUTE_ENTROPY=entropy, BLOCK_V=block)
+                        yield (f"ce_rows {ty} V-tile={block} w{warps} softcap={int(softcap)} grad={int(grad)} "
+                               f"entropy={int(entropy)}", _ce_rows_kernel, sig, flags, warps, 3, True)
 
 
 # --------------------------------------------------------------------------------------------

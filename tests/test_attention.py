@@ -19,7 +19,8 @@ BACKENDS = ["torch", "triton"]
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(attn_mod, "BLOCKS", {"fwd": (16, 16), "bwd": (16, 32)})
+    """Small tiles, so that every sample spans several blocks (and the key tile differs from the query tile)."""
+    monkeypatch.setattr(attn_mod, "FORCE_TILES", {"fwd": (16, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (16, 32, 4, 1)})
 
 
 def reference(q, k, v, lens, causal=True, softmax_scale=None, softcap=None, window=None):
@@ -141,3 +142,43 @@ def test_bad_input():
         varlen_attention(q, k, k, torch.tensor([0, 4, 9], dtype=torch.int32))
     with pytest.raises(ValueError, match="window"):
         varlen_attention(q, k, k, torch.tensor([0, 10], dtype=torch.int32), causal=False, window=4)
+
+
+def _table_tiles():
+    """Every distinct tile of the launch table, with the passes that list it."""
+    tiles = {}
+    for pass_, by_shape in attn_mod.TILES.items():
+        for entries in by_shape.values():
+            for tile in entries:
+                tiles.setdefault(tile, set()).add(pass_)
+    return sorted(tiles)
+
+
+@pytest.mark.parametrize("tile", _table_tiles(), ids=lambda t: "x".join(map(str, t)))
+def test_every_table_tile(monkeypatch, tile):
+    """Each tile the launcher may pick on a GPU, run under the interpreter with every pass forced to
+    it: samples shorter than a tile, straddling its edges, and long enough for full (unmasked) tiles,
+    with the window and softcap switches and without causality."""
+    monkeypatch.setattr(attn_mod, "FORCE_TILES", {p: tile for p in ("fwd", "dq", "dkdv")})
+    lens = [1, tile[0] + 3, 2 * max(tile[:2]) + 5]
+    run(lens, 2, 1, 16, "triton")
+    run(lens, 2, 1, 16, "triton", causal=False)
+    run(lens, 2, 2, 16, "triton", window=tile[1] + 7, softcap=4.0)
+
+
+def test_default_tiles_and_autotune_off_gpu():
+    """Off the GPU the launcher takes each table row's first entry; the table serves every head dim
+    the compile check covers, and refuses head dims past 256 with a clear error."""
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(attn_mod, "FORCE_TILES", None)
+    try:
+        q = torch.randn(5, 2, 64)
+        for p in ("fwd", "dq", "dkdv"):
+            assert attn_mod._tile(p, q, launch=None) == attn_mod.TILES[p][(64, 4)][0]
+        for D in attn_mod.HEAD_DIMS:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                assert attn_mod._entries("fwd", dtype, D)
+        with pytest.raises(ValueError, match="up to 256"):
+            attn_mod._entries("fwd", torch.bfloat16, 320)
+    finally:
+        monkeypatch.undo()

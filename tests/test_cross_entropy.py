@@ -20,7 +20,7 @@ BACKENDS = ["torch", "triton"]
 def block(request, monkeypatch):
     """Run the Triton kernel with its default vocabulary tile and with a small one (several tiles)."""
     if request.param is not None:
-        monkeypatch.setattr(ce_mod, "MAX_BLOCK_V", request.param)
+        monkeypatch.setattr(ce_mod, "ROW_TILES", ((request.param, 4),))
 
 
 def make(N=37, H=32, V=203, dtype=torch.float32, ignore_frac=0.2, bias=False, scale=1.0):

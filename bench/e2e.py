@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cases import sample_lengths  # noqa: E402
 from common import Unavailable, device, in_use, peak, reset_peak, sync  # noqa: E402
-from e2e_models import CONFIGS, build_qlora, estimate_bytes  # noqa: E402
+from e2e_models import CONFIGS, build_qlora, step_bytes, weight_bytes  # noqa: E402
 from harness import Result, env_info  # noqa: E402
 
 IGNORE = -100
@@ -294,7 +294,7 @@ def grpo_step(provider, model, shape, vocab, dev, beta=0.04):
                 loss = (per_tok + beta * (torch.exp(d) - d - 1)).mean()
         n = comp.numel()
         return loss, {"tokens": int(full_mask.sum()), "trained": n, "padded_tokens": out.numel(),
-                      "check": ref.float().mean(), "generation_s": t1 - t0, "reference_s": t2 - t1, "_t2": t2}
+                      "check": ref.float().mean(), "generation_s": t1 - t0, "reference_s": t2 - t1, "_training_start": t2}
 
     return step
 
@@ -325,14 +325,14 @@ def measure(model, step, lora_init, dev, warmup=WARMUP, timed=TIMED):
             sync()
             t0 = time.perf_counter()
             loss, stats = step(i)
-            t_fwd_done = stats.pop("_t2", None)
+            t_train = stats.pop("_training_start", None)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             sync()
             t1 = time.perf_counter()
-            if t_fwd_done is not None:
-                stats["training_s"] = t1 - t_fwd_done
+            if t_train is not None:
+                stats["training_s"] = t1 - t_train
             losses.append(loss.detach().float())
             if "check" in stats:
                 checks.append(stats.pop("check"))
@@ -356,10 +356,10 @@ def lora_params(model):
 # ---- a case: every provider on one model and shape ------------------------------------------------
 
 
-def _check_memory(name, tokens, logit_tokens, dev):
+def _check_memory(need, dev):
+    """Unavailable if `need` bytes (estimated from the config) exceed what the device has free."""
     if dev.type != "cuda":
         return
-    need = estimate_bytes(name, tokens, logit_tokens, checkpointing=True)
     free = torch.cuda.mem_get_info()[0]
     if need > 0.95 * free:
         raise Unavailable(f"needs about {need / 2**30:.1f} GiB (estimated from the config), {free / 2**30:.1f} GiB free")
@@ -392,7 +392,7 @@ def run_case(kind, name, model, lora_init, providers, shape, emit, done=None, wa
         res = Result(kind, {"model": name, **shape, "ckpt": True}, "bf16" if dtype == torch.bfloat16 else "fp32",
                      provider, env_info()["device"])
         try:
-            _check_memory(name, *_tokens_in_memory(kind, provider, shape, vocab), dev)
+            _check_memory(step_bytes(name, *_tokens_in_memory(kind, provider, shape, vocab), checkpointing=True), dev)
             with provider_setup(model, provider):
                 m = measure(model, steps[kind](provider), lora_init, dev, warmup, timed)
         except Unavailable as e:
@@ -485,7 +485,7 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     try:
-        _check_memory(args.model, 0, 0, dev)
+        _check_memory(weight_bytes(args.model), dev)
         model = build_qlora(args.model, dev, compute_dtype(dev), seed=SEED)
     except (Unavailable, torch.cuda.OutOfMemoryError) as e:
         for kind, shape in cases:

@@ -12,7 +12,7 @@ ends up with it, without a checkpoint:
      buffers recomputed on the device;
   4. PEFT LoRA r=16, alpha=32 on every linear layer of the decoder (as `lora.target_modules =
      "all-linear"`; lm_head excluded, as PEFT does).
-`estimate_bytes` guesses a step's peak memory from the config, so a shape that cannot fit is
+`weight_bytes` and `step_bytes` guess the memory from the config, so a shape that cannot fit is
 skipped with its reason before it is tried.
 """
 
@@ -67,19 +67,24 @@ def _dims(name):
     return H, L, I, V, shapes
 
 
-def estimate_bytes(name, tokens, logit_tokens, checkpointing):
-    """A rough peak of one QLoRA training step: weights (4-bit linears, bf16 embeddings and head),
-    LoRA with its gradient and AdamW state, activations of `tokens` tokens (the layer inputs only
-    with gradient checkpointing, plus one layer recomputed), and full fp32 logits for `logit_tokens`
-    tokens (0 for a fused loss). Deliberately on the high side; OOM is still caught."""
+def weight_bytes(name):
+    """The model's memory: NF4 linears (with their statistics) and bf16 embeddings and head."""
     H, L, I, V, shapes = _dims(name)
     linear = L * sum(i * o for i, o in shapes)
-    weights = linear * 0.53 + V * H * 2 * (1 if CONFIGS[name]["tie_word_embeddings"] else 2)
+    return int(linear * 0.53 + V * H * 2 * (1 if CONFIGS[name]["tie_word_embeddings"] else 2))
+
+
+def step_bytes(name, tokens, logit_tokens, checkpointing):
+    """A rough peak of one QLoRA training step over the weights: LoRA with its gradient and AdamW
+    state, activations of `tokens` tokens (the layer inputs only with gradient checkpointing, plus
+    one layer recomputed), and full fp32 logits for `logit_tokens` tokens (0 for a fused loss).
+    On the high side; out-of-memory errors are caught anyway."""
+    H, L, I, V, shapes = _dims(name)
     lora = L * sum(LORA_R * (i + o) for i, o in shapes) * 4 * 4
     per_layer = (14 * H + 5 * I) * 2  # bf16 activations one layer saves per token (attention, MLP, LoRA inputs)
     acts = tokens * (L * H * 2 + per_layer) if checkpointing else tokens * L * per_layer
     logits = logit_tokens * V * (2 + 4 + 4 + 4)  # bf16 logits, fp32 copy, log-softmax, its gradient
-    return int(weights + lora + acts + logits + 512 * 2**20)
+    return int(lora + acts + logits + 512 * 2**20)
 
 
 def _materialize(module, dev, dtype, g):

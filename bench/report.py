@@ -1,14 +1,16 @@
 """Turn benchmark result files into Markdown tables, and optionally into the README.
 
     python bench/report.py                      # tables of the newest file of each device
-    python bench/report.py FILE.json ...        # tables of these files
+    python bench/report.py FILE.json ...        # tables of these files (or bench/e2e.py's FILE.jsonl)
     python bench/report.py --readme README.md   # rewrite the README between its bench markers
     python bench/report.py --plots              # a PNG of time and memory per kernel, beside each file
     python bench/report.py --baseline           # write bench/baseline.json from the newest CPU file
 
 Each table is one kernel at one shape: every provider's median time, peak memory and
 throughput, and fasttune's time and memory as a ratio of that provider's (< 1: fasttune is
-faster / leaner). Ratios only compare numbers from the same run.
+faster / leaner). Ratios only compare numbers from the same run. An end-to-end training step
+(bench/e2e.py) gets its own table: tokens/s, trained tokens/s, peak memory, and whether its first
+losses agree with the first provider's.
 """
 
 import argparse
@@ -42,6 +44,50 @@ def _ratio(a, b):
     return "–" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
 
+def is_e2e(r) -> bool:
+    """A whole QLoRA training step of bench/e2e.py (its shape names the model)."""
+    return r["kernel"].endswith("_step") and "model" in r["shape"]
+
+
+def e2e_table(kernel, shape, dtype, rows) -> list[str]:
+    """One end-to-end case: tokens/s (real and trained), peak memory, and whether the losses agree."""
+    ours = next((r for r in rows if r["provider"] == "fasttune" and not r["skipped"]), None)
+    s = dict(shape)
+    name = s.pop("model")
+    ckpt = "gradient checkpointing on" if s.pop("ckpt", False) else "gradient checkpointing off"
+    out = ["", f"**{kernel}** ({name}, {', '.join(f'{k}={v}' for k, v in s.items())}, {dtype}, {ckpt}; "
+               "forward + backward + AdamW)", "",
+           "| provider | median step | tokens/s | trained tokens/s | peak memory | fasttune tokens/s ÷ this "
+           "| fasttune memory ÷ this | first losses agree |",
+           "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if r["skipped"]:
+            out.append(f"| {r['provider']} | skipped: {r['skipped']} | | | | | | |")
+            continue
+        x = r.get("extra", {})
+        agree = ("–" if "agrees" not in x else "yes" if x["agrees"] else "**NO**") + (
+            f" ({x['max_rel_diff']:.1e} vs {x['agrees_with']})" if "max_rel_diff" in x else "")
+        out.append(f"| {r['provider']} | {_time(r['median_s'])} | {_num(r['tokens_per_s'], ',.0f')} | "
+                   f"{_num(x.get('trained_tokens_per_s'), ',.0f')} | {_mib(r['peak_bytes'])} | "
+                   f"{_ratio(ours and ours['tokens_per_s'], r['tokens_per_s'])} | "
+                   f"{_ratio(ours and ours['peak_bytes'], r['peak_bytes'])} | {agree} |")
+    for r in rows:
+        if r.get("extra", {}).get("split"):
+            out.append(f"\n{r['provider']}: median seconds per step: "
+                       + ", ".join(f"{k} {v}" for k, v in r["extra"]["split"].items()))
+    return out
+
+
+def load(path: Path) -> dict:
+    """A result file: bench/results/*.json ({env, results}) or the JSON lines bench/e2e.py appends."""
+    if path.suffix != ".jsonl":
+        return json.loads(path.read_text())
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        return {"env": {}, "results": []}
+    return {"env": lines[0]["env"], "results": [{k: v for k, v in r.items() if k != "env"} for r in lines]}
+
+
 def tables(data: dict) -> str:
     env = data["env"]
     groups: dict = {}
@@ -50,6 +96,9 @@ def tables(data: dict) -> str:
     out = [f"Device: {env['device']} · {env['date']} · commit {env['commit']} · "
            + ", ".join(f"{k} {v}" for k, v in env["versions"].items())]
     for (kernel, shape, dtype), rows in groups.items():
+        if is_e2e(rows[0]):
+            out += e2e_table(kernel, json.loads(shape), dtype, rows)
+            continue
         ours = next((r for r in rows if r["provider"] == "fasttune" and not r["skipped"]), None)
         shape_s = ", ".join(f"{k}={v}" for k, v in json.loads(shape).items())
         what = "the whole command" if kernel.endswith("_demo") else "forward + backward"
@@ -115,10 +164,10 @@ def plot(data: dict, png: Path):
 
 
 def newest_files() -> list[Path]:
-    """The newest result file of each device."""
+    """The newest result file of each device (and kind: .json from pytest, .jsonl from bench/e2e.py)."""
     by_device: dict = {}
-    for p in sorted(RESULTS.glob("*.json")):
-        by_device[p.stem.split("-", 3)[-1]] = p
+    for p in sorted([*RESULTS.glob("*.json"), *RESULTS.glob("*.jsonl")]):
+        by_device[p.stem.split("-", 3)[-1], p.suffix] = p
     return list(by_device.values())
 
 
@@ -134,13 +183,13 @@ def main(argv=None):
         sys.exit(f"no result files in {RESULTS}; run `make bench` first")
     if args.plots:
         for f in files:
-            plot(json.loads(f.read_text()), f.with_suffix(".png"))
+            plot(load(f), f.with_suffix(".png"))
     if args.baseline:
         base = json.loads(BASELINE.read_text())
         for f in files:
-            base["ratios"].update(speed_ratios(json.loads(f.read_text())["results"]))
+            base["ratios"].update(speed_ratios(load(f)["results"]))
         BASELINE.write_text(json.dumps(base, indent=1) + "\n")
-    text = "\n\n".join(tables(json.loads(f.read_text())) for f in files)
+    text = "\n\n".join(tables(load(f)) for f in files)
     if args.readme:
         readme = args.readme.read_text()
         if START not in readme or END not in readme:

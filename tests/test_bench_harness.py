@@ -66,3 +66,33 @@ def test_plot_writes_a_png(tmp_path):
         pytest.skip("no committed results")
     report.plot(json.loads(files[-1].read_text()), tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_tables_an_end_to_end_case_from_json_lines(tmp_path):
+    env = {"device": "GPU Y", "date": "2026-01-03", "commit": "def5678", "versions": {"torch": "2.11.0"}}
+    shape = {"model": "llama-3-8b", "seq": 4096, "ckpt": True}
+
+    def line(provider, median_s, peak, agree=None, skipped=None):
+        extra = {} if skipped else {"trained_tokens_per_s": 2048 / median_s, **(agree or {})}
+        return json.dumps({"env": env, "kernel": "sft_step", "shape": shape, "dtype": "bf16", "provider": provider,
+                           "median_s": median_s, "peak_bytes": peak, "tokens_per_s": median_s and 4096 / median_s,
+                           "tflops": None, "skipped": skipped, "extra": extra})
+
+    path = tmp_path / "e2e.jsonl"
+    path.write_text("\n".join([
+        line("fasttune", 1.0, 10 * 2**30, {"agrees": True}),
+        line("hf_plain", 2.0, 20 * 2**30, {"agrees": False, "max_rel_diff": 0.05, "agrees_with": "fasttune"}),
+        line("liger", None, None, skipped="liger-kernel not installed"),
+    ]) + "\n")
+    assert report.tables(report.load(path)) == "\n".join([
+        "Device: GPU Y · 2026-01-03 · commit def5678 · torch 2.11.0",
+        "",
+        "**sft_step** (llama-3-8b, seq=4096, bf16, gradient checkpointing on; forward + backward + AdamW)",
+        "",
+        "| provider | median step | tokens/s | trained tokens/s | peak memory | fasttune tokens/s ÷ this "
+        "| fasttune memory ÷ this | first losses agree |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| fasttune | 1,000.0 ms | 4,096 | 2,048 | 10,240 MiB | 1.00 | 1.00 | yes |",
+        "| hf_plain | 2,000.0 ms | 2,048 | 1,024 | 20,480 MiB | 2.00 | 0.50 | **NO** (5.0e-02 vs fasttune) |",
+        "| liger | skipped: liger-kernel not installed | | | | | | |",
+    ])

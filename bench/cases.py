@@ -321,7 +321,7 @@ def _example_run(command, example, data, steps, *sets):
 def _sft_demo_case(provider, shape, dtype):
     """`fasttune sft examples/sft.toml` (make demo's run) for `steps` steps."""
     if provider != "fasttune":
-        raise Unavailable(f"no provider {provider!r} for the SFT demo (the HF + PEFT comparison is GPU-only, not built)")
+        raise Unavailable(f"no provider {provider!r} for the SFT demo (the HF + PEFT comparison is bench/e2e.py)")
     return _example_run("sft", "sft.toml", "sft_alpaca.jsonl", shape["steps"], 'data.eval=""')
 
 

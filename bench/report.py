@@ -46,7 +46,7 @@ def _ratio(a, b):
 
 def is_e2e(r) -> bool:
     """A whole QLoRA training step of bench/e2e.py (its shape names the model)."""
-    return r["kernel"].endswith("_step") and "model" in r["shape"]
+    return r["kernel"].startswith("e2e_")
 
 
 def e2e_table(kernel, shape, dtype, rows) -> list[str]:

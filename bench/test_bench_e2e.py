@@ -47,7 +47,7 @@ def _assert_agree(rs):
 
 
 def test_sft_step(recorder, tiny):
-    rs = _run(recorder, "sft_step", tiny, ["fasttune", "hf_plain"], {"seq": TINY["seq"]})
+    rs = _run(recorder, "e2e_sft", tiny, ["fasttune", "hf_plain"], {"seq": TINY["seq"]})
     _assert_agree(rs)
     ours, plain = rs["fasttune"], rs["hf_plain"]
     assert ours.extra["tokens_per_step"] == TINY["seq"] == plain.extra["tokens_per_step"]  # one packed row, same samples
@@ -57,14 +57,14 @@ def test_sft_step(recorder, tiny):
 
 def test_dpo_step(recorder, llama_only):
     shape = {k: TINY[k] for k in ("pairs", "prompt", "response")}
-    rs = _run(recorder, "dpo_step", llama_only, ["fasttune", "hf_plain"], shape)
+    rs = _run(recorder, "e2e_dpo", llama_only, ["fasttune", "hf_plain"], shape)
     _assert_agree(rs)
     assert rs["fasttune"].extra["warmup_checks"][0] < 0  # a sum of log-probs
 
 
 def test_grpo_step(recorder, llama_only):
     shape = {k: TINY[k] for k in ("prompts", "generations", "prompt", "completion")}
-    rs = _run(recorder, "grpo_step", llama_only, ["fasttune", "hf_plain"], shape)
+    rs = _run(recorder, "e2e_grpo", llama_only, ["fasttune", "hf_plain"], shape)
     _assert_agree(rs)
     for r in rs.values():
         split = r.extra["split"]
@@ -75,7 +75,7 @@ def test_grpo_step(recorder, llama_only):
 def test_sft_step_liger(recorder, tiny):
     """Last: Liger-Kernel patches the model for good. Skipped with its reason where it cannot run."""
     providers = ["hf_plain", "liger"] if torch.cuda.is_available() else ["liger"]  # on the CPU: the skip only
-    rs = _run(recorder, "sft_step", tiny, providers, {"seq": TINY["seq"]})
+    rs = _run(recorder, "e2e_sft", tiny, providers, {"seq": TINY["seq"]})
     if rs["liger"].skipped:
         pytest.skip(rs["liger"].skipped)
     _assert_agree(rs)

@@ -74,7 +74,7 @@ def test_report_tables_an_end_to_end_case_from_json_lines(tmp_path):
 
     def line(provider, median_s, peak, agree=None, skipped=None):
         extra = {} if skipped else {"trained_tokens_per_s": 2048 / median_s, **(agree or {})}
-        return json.dumps({"env": env, "kernel": "sft_step", "shape": shape, "dtype": "bf16", "provider": provider,
+        return json.dumps({"env": env, "kernel": "e2e_sft", "shape": shape, "dtype": "bf16", "provider": provider,
                            "median_s": median_s, "peak_bytes": peak, "tokens_per_s": median_s and 4096 / median_s,
                            "tflops": None, "skipped": skipped, "extra": extra})
 
@@ -87,7 +87,7 @@ def test_report_tables_an_end_to_end_case_from_json_lines(tmp_path):
     assert report.tables(report.load(path)) == "\n".join([
         "Device: GPU Y · 2026-01-03 · commit def5678 · torch 2.11.0",
         "",
-        "**sft_step** (llama-3-8b, seq=4096, bf16, gradient checkpointing on; forward + backward + AdamW)",
+        "**e2e_sft** (llama-3-8b, seq=4096, bf16, gradient checkpointing on; forward + backward + AdamW)",
         "",
         "| provider | median step | tokens/s | trained tokens/s | peak memory | fasttune tokens/s ÷ this "
         "| fasttune memory ÷ this | first losses agree |",

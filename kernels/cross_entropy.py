@@ -347,100 +347,159 @@ def _linear_ce_chunks(h, w, b, labels, weights, rows, o: _Opts, need_gh, need_gw
     return loss, lse, correct, entropy, gh, gw, gb
 
 
-def _trained_rows(weights_host, n_rows, device):
-    """Indices of the trained rows, from weights on the host; None when every row is trained."""
-    if weights_host.device.type != "cpu":
+def _trained_rows(select, n_rows, device):
+    """Indices of the trained rows, from weights on the host; None when every row is trained or
+    the weights are not on the host (finding them there would sync)."""
+    if select is None or select.device.type != "cpu":
         return None
-    rows = weights_host.nonzero().squeeze(1)
+    rows = select.nonzero().squeeze(1)
     if rows.numel() == n_rows:
         return None
     return rows.to(device, non_blocking=True)
 
 
-class _LinearCE(torch.autograd.Function):
-    """Σ or per-token loss of the head; outputs loss, lse, correct, entropy (the last three constant)."""
-
-    @staticmethod
-    def forward(ctx, h, w, b, labels, weights, rows, n, reduction, o, grad_enabled):
-        # needs_input_grad ignores no_grad (forward always runs with grad mode off), hence the flag.
-        with torch.autocast(h.device.type, enabled=False):  # keep the dtypes we were given
-            return _LinearCE._forward(ctx, h, w, b, labels, weights, rows, n, reduction, o, grad_enabled)
-
-    @staticmethod
-    def _forward(ctx, h, w, b, labels, weights, rows, n, reduction, o, grad_enabled):
-        need_gh, need_gw, need_gb = (x and grad_enabled for x in ctx.needs_input_grad[:3])
-        # mean/sum: every gradient now. none with a frozen head: dh now, its rows scaled later.
-        if reduction != "none":
-            now = (need_gh, need_gw, need_gb)
-        else:
-            now = (need_gh and not (need_gw or need_gb), False, False)
-        loss, lse, correct, entropy, gh, gw, gb = _linear_ce_chunks(h, w, b, labels, weights, rows, o, *now)
-        ctx.reduction, ctx.o, ctx.now = reduction, o, now
-        ctx.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype)
-        if reduction == "none" and not now[0]:
-            ctx.save_for_backward(h, w, b, labels, weights, rows, n)
-        else:
-            ctx.save_for_backward(gh, gw, gb, weights, n)
-        if entropy is None:
-            entropy = torch.zeros(0, device=h.device)
-        ctx.mark_non_differentiable(lse, correct, entropy)
-        return _reduce(loss, n, reduction), lse, correct, entropy
-
-    @staticmethod
-    def backward(ctx, grad_loss, _lse, _correct, _entropy):
-        need_gh, need_gw, need_gb = ctx.needs_input_grad[:3]
-        h_dtype, w_dtype, b_dtype = ctx.dtypes
-        if ctx.reduction == "none" and not ctx.now[0]:
-            h, w, b, labels, weights, rows, n = ctx.saved_tensors
-            up = weights * grad_loss.float()
-            _, _, _, _, gh, gw, gb = _linear_ce_chunks(
-                h, w, b, labels, up, rows, ctx.o._replace(entropy=False), need_gh, need_gw, need_gb
-            )
-        elif ctx.reduction == "none":  # frozen head: dh per token was computed in the forward
-            gh, _, _, weights, n = ctx.saved_tensors
-            gh = gh.mul_(grad_loss.to(gh.dtype).unsqueeze(1))
-            gw = gb = None
-        else:
-            gh, gw, gb, weights, n = ctx.saved_tensors
-            s = _scale(grad_loss.float(), n)
-            # In place: these buffers are ours. A second backward through the same graph is
-            # caught by autograd's saved-tensor version check instead of scaling twice.
-            gh = gh.mul_(s.to(gh.dtype)) if need_gh else None
-            gw = gw.mul_(s) if need_gw else None
-            gb = gb.mul_(s) if need_gb else None
-        return (
-            None if gh is None else gh.to(h_dtype),
-            None if gw is None else gw.to(w_dtype),
-            None if gb is None else gb.to(b_dtype),
-            None, None, None, None, None, None, None,
-        )
+# The head as a torch.library custom op, so that torch.compile(fullgraph=True) runs through it as
+# one opaque call. Its inputs may live on two devices: labels, weights and `select` (the weights
+# on the host, or None) stay where the caller made them; finding the trained rows from `select`
+# happens inside the op, so masked rows skip the matmuls in eager and compiled code alike.
+# Outputs: loss (reduced), lse, correct, entropy ([0] unless asked) and the gradients of Σ loss
+# gh, gw, gb ([0] unless asked; gw and gb fp32). Which gradients the forward forms:
+# - reduction mean/sum: all of them; the backward multiplies by the upstream scalar / n;
+# - none with a frozen head: gh per token; the backward scales its rows;
+# - none with a trainable head: none; the backward calls the op again with the upstream folded
+#   into the weights (4 matmuls).
 
 
-class _CE(torch.autograd.Function):
-    """Cross-entropy on given logits: loss in the forward, dL/dlogits in the backward."""
+@torch.library.custom_op("fasttune::linear_ce", mutates_args=())
+def _linear_ce(
+    h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, labels: torch.Tensor, weights: torch.Tensor,
+    select: torch.Tensor | None, n: torch.Tensor, reduction: str, eps: float, z_loss: float,
+    softcap: float | None, inv_temp: float, entropy: bool, backend: str, chunk: int,
+    need_gh: bool, need_gw: bool, need_gb: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.autocast(h.device.type, enabled=False):  # keep the dtypes we were given
+        _check_label_range(labels, weights, w.shape[0])
+        rows = _trained_rows(select, h.shape[0], h.device)
+        o = _Opts(backend, chunk, eps, z_loss, softcap, inv_temp, entropy)
+        labels, weights = labels.to(h.device, non_blocking=True), weights.to(h.device, non_blocking=True)
+        loss, lse, correct, ent, gh, gw, gb = _linear_ce_chunks(h, w, b, labels, weights, rows, o,
+                                                                need_gh, need_gw, need_gb)
+        outs = (ent, gh, gw, gb)
+        return (_reduce(loss, n.to(h.device), reduction), lse, correct,
+                *(h.new_empty(0) if x is None else x for x in outs))  # distinct empties: outputs may not alias
 
-    @staticmethod
-    def forward(ctx, logits, labels, weights, n, reduction, o):
-        N = logits.shape[0]
-        loss, lse, correct = (empty(N, dtype=torch.float32, device=logits.device) for _ in range(3))
-        for s in range(0, N, o.chunk):
-            e = min(s + o.chunk, N)
-            loss[s:e], lse[s:e], correct[s:e], _ = _rows(logits[s:e], None, labels[s:e], weights[s:e], o)
-        ctx.save_for_backward(logits, labels, weights, n)
-        ctx.reduction, ctx.o = reduction, o
-        ctx.mark_non_differentiable(lse, correct)
-        return _reduce(loss, n, reduction), lse, correct
 
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_lse, _grad_correct):
-        logits, labels, weights, n = ctx.saved_tensors
-        o = ctx.o
-        up = weights * (grad_loss.float() if ctx.reduction == "none" else _scale(grad_loss.float(), n))
-        grad = empty(*logits.shape, dtype=logits.dtype, device=logits.device)
-        for s in range(0, logits.shape[0], o.chunk):
-            e = min(s + o.chunk, logits.shape[0])
-            _rows(logits[s:e], grad[s:e], labels[s:e], up[s:e], o)
-        return grad, None, None, None, None, None
+@_linear_ce.register_fake
+def _(h, w, b, labels, weights, select, n, reduction, eps, z_loss, softcap, inv_temp, entropy, backend, chunk,
+      need_gh, need_gw, need_gb):
+    N, V = h.shape[0], w.shape[0]
+    f32 = lambda *shape: h.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return (f32(N) if reduction == "none" else f32(), f32(N), f32(N), f32(N if entropy else 0),
+            h.new_empty(h.shape if need_gh else (0,)), f32(*(w.shape if need_gw else (0,))), f32(V if need_gb else 0))
+
+
+def _linear_ce_setup(ctx, inputs, output):
+    h, w, b, labels, weights, select, n, reduction, *opts = inputs
+    need_gh, need_gw, need_gb = opts[-3:]
+    ctx.inputs = (reduction, *opts)
+    ctx.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype)
+    ctx.recompute = reduction == "none" and (need_gw or need_gb)
+    if ctx.recompute:
+        ctx.save_for_backward(h, w, b, labels, weights, select, n)
+    else:
+        ctx.save_for_backward(*output[4:], n)  # gh, gw, gb formed in the forward
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _linear_ce_backward(ctx, grad_loss, *_):
+    reduction, eps, z_loss, softcap, inv_temp, entropy, backend, chunk, need_gh, need_gw, need_gb = ctx.inputs
+    h_dtype, w_dtype, b_dtype = ctx.dtypes
+    if ctx.recompute:
+        h, w, b, labels, weights, select, n = ctx.saved_tensors
+        up = weights.to(h.device) * grad_loss.float()
+        _, _, _, _, gh, gw, gb = _linear_ce(h, w, b, labels, up, select, n, "none", eps, z_loss, softcap, inv_temp,
+                                            False, backend, chunk, need_gh, need_gw, need_gb)
+    elif reduction == "none":  # frozen head: dh per token was formed in the forward
+        gh, gw, gb, n = ctx.saved_tensors
+        gh = gh.mul_(grad_loss.to(gh.dtype).unsqueeze(1))
+    else:
+        gh, gw, gb, n = ctx.saved_tensors
+        s = _scale(grad_loss.float(), n.to(grad_loss.device))
+        # In place: these buffers are ours. A second backward through the same graph is caught
+        # by autograd's saved-tensor version check instead of scaling twice.
+        gh, gw, gb = gh.mul_(s.to(gh.dtype)), gw.mul_(s), gb.mul_(s)
+    grads = (gh.to(h_dtype) if need_gh else None, gw.to(w_dtype) if need_gw else None,
+             gb.to(b_dtype) if need_gb else None)
+    return (*grads, *(None,) * 15)
+
+
+_linear_ce.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
+
+
+def _head(h, w, b, labels, weights, select, n, reduction, o: _Opts):
+    """Call the head op, asking for the gradients autograd will want."""
+    grad = torch.is_grad_enabled()
+    return _linear_ce(h, w, b, labels, weights, select, n, reduction, o.eps, o.z_loss, o.softcap, o.inv_temp,
+                      o.entropy, o.backend, o.chunk, grad and h.requires_grad, grad and w.requires_grad,
+                      grad and b is not None and b.requires_grad)
+
+
+@torch.library.custom_op("fasttune::cross_entropy", mutates_args=())
+def _ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, n: torch.Tensor, reduction: str,
+        eps: float, z_loss: float, softcap: float | None, backend: str, chunk: int,
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy on given logits: loss, lse, correct."""
+    _check_label_range(labels, weights, logits.shape[1])
+    labels, weights = labels.to(logits.device, non_blocking=True), weights.to(logits.device, non_blocking=True)
+    o = _Opts(backend, chunk, eps, z_loss, softcap)
+    N = logits.shape[0]
+    loss, lse, correct = (empty(N, dtype=torch.float32, device=logits.device) for _ in range(3))
+    for s in range(0, N, o.chunk):
+        e = min(s + o.chunk, N)
+        loss[s:e], lse[s:e], correct[s:e], _ = _rows(logits[s:e], None, labels[s:e], weights[s:e], o)
+    return _reduce(loss, n.to(logits.device), reduction), lse, correct
+
+
+@_ce.register_fake
+def _(logits, labels, weights, n, reduction, eps, z_loss, softcap, backend, chunk):
+    N = logits.shape[0]
+    f32 = lambda *shape: logits.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return f32(N) if reduction == "none" else f32(), f32(N), f32(N)
+
+
+@torch.library.custom_op("fasttune::cross_entropy_backward", mutates_args=())
+def _ce_backward(logits: torch.Tensor, labels: torch.Tensor, up: torch.Tensor, eps: float, z_loss: float,
+                 softcap: float | None, backend: str, chunk: int) -> torch.Tensor:
+    """dL/dlogits for per-token upstream factors `up` (weight × upstream gradient)."""
+    labels = labels.to(logits.device, non_blocking=True)
+    o = _Opts(backend, chunk, eps, z_loss, softcap)
+    grad = empty(*logits.shape, dtype=logits.dtype, device=logits.device)
+    for s in range(0, logits.shape[0], o.chunk):
+        e = min(s + o.chunk, logits.shape[0])
+        _rows(logits[s:e], grad[s:e], labels[s:e], up[s:e], o)
+    return grad
+
+
+@_ce_backward.register_fake
+def _(logits, labels, up, eps, z_loss, softcap, backend, chunk):
+    return torch.empty_like(logits)
+
+
+def _ce_setup(ctx, inputs, output):
+    logits, labels, weights, n, reduction, *opts = inputs
+    ctx.save_for_backward(logits, labels, weights, n)
+    ctx.reduction, ctx.opts = reduction, opts
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _ce_grad(ctx, grad_loss, *_):
+    logits, labels, weights, n = ctx.saved_tensors
+    g = grad_loss.float()
+    up = weights.to(logits.device) * (g if ctx.reduction == "none" else _scale(g, n.to(g.device)))
+    return (_ce_backward(logits, labels, up, *ctx.opts),) + (None,) * 9
+
+
+_ce.register_autograd(_ce_grad, setup_context=_ce_setup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,17 +579,13 @@ def _check_label_range(labels, weights, V):
                              "mask it with ignore_index or loss_mask")
 
 
-def prepare_head(hidden, weight, labels, *, bias, ignore_index, loss_mask):
-    """Flatten and check a head call; returns h [N, H], labels and weights on h's device, the
-    trained rows (or None) and the weights where the caller gave the labels (for counting)."""
+def prepare_head(hidden, labels, *, ignore_index, loss_mask):
+    """Flatten a head call: h [N, H], labels [N] int64 and token weights where the caller made the
+    labels, and `select`, the weights again if they are on the host (for skipping masked rows)."""
     h = hidden.reshape(-1, hidden.shape[-1])
-    labels_flat = labels.reshape(-1).to(torch.int64)
-    weights_host = _token_weights(labels_flat, loss_mask, ignore_index)
-    _check_label_range(labels_flat, weights_host, weight.shape[0])
-    rows = _trained_rows(weights_host, h.shape[0], h.device)
-    labels_dev = labels_flat.to(h.device, non_blocking=True)
-    weights_dev = weights_host.to(h.device, non_blocking=True)
-    return h, labels_dev, weights_dev, rows, weights_host
+    labels = labels.reshape(-1).to(torch.int64)
+    weights = _token_weights(labels, loss_mask, ignore_index)
+    return h, labels, weights, weights if weights.device.type == "cpu" else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,16 +646,13 @@ def fused_linear_cross_entropy(
     _check_head(hidden, weight, bias)
     N = hidden.numel() // hidden.shape[-1]
     _check(labels, N, loss_mask, reduction, label_smoothing, z_loss, softcap, "hidden")
-    h, labels_d, weights_d, rows, weights_host = prepare_head(
-        hidden, weight, labels, bias=bias, ignore_index=ignore_index, loss_mask=loss_mask
-    )
-    n = _normalizer(weights_host, num_items, reduction, h.device)
+    h, labels, weights, select = prepare_head(hidden, labels, ignore_index=ignore_index, loss_mask=loss_mask)
+    n = _normalizer(weights, num_items, reduction, h.device)
     o = _Opts(pick_backend(backend, h.device), chunk_rows(weight.shape[0], h.device, h.dtype, chunk_size),
               float(label_smoothing), float(z_loss), softcap)
     b = None if bias is None else bias.to(h.dtype)
-    loss, lse, correct, _ = _LinearCE.apply(h, weight, b, labels_d, weights_d, rows, n, reduction, o,
-                                            torch.is_grad_enabled())
-    return _finish(loss, lse, correct, weights_d, return_stats)
+    loss, lse, correct = _head(h, weight, b, labels, weights, select, n, reduction, o)[:3]
+    return _finish(loss, lse, correct, weights.to(h.device, non_blocking=True), return_stats)
 
 
 def cross_entropy(
@@ -628,12 +680,9 @@ def cross_entropy(
         z = z.contiguous()
     labels = labels.reshape(-1).to(torch.int64)
     weights = _token_weights(labels, loss_mask, ignore_index)
-    V = z.shape[1]
-    _check_label_range(labels, weights, V)
-    labels, weights = labels.to(z.device, non_blocking=True), weights.to(z.device, non_blocking=True)
     n = _normalizer(weights, num_items, reduction, z.device)
     be = pick_backend(backend, z.device)
-    chunk = z.shape[0] if be == "triton" else chunk_rows(V, z.device, z.dtype, None)
-    o = _Opts(be, max(1, chunk), float(label_smoothing), float(z_loss), softcap)
-    loss, lse, correct = _CE.apply(z, labels, weights, n, reduction, o)
-    return _finish(loss, lse, correct, weights, return_stats)
+    chunk = z.shape[0] if be == "triton" else chunk_rows(z.shape[1], z.device, z.dtype, None)
+    loss, lse, correct = _ce(z, labels, weights, n, reduction, float(label_smoothing), float(z_loss), softcap, be,
+                             max(1, chunk))
+    return _finish(loss, lse, correct, weights.to(z.device, non_blocking=True), return_stats)

@@ -129,7 +129,8 @@ def build_qlora(name, dev, dtype, *, seed=0, checkpointing=True):
 
     cfg = hf_config(name)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+        # no dtype argument (older transformers call it torch_dtype): every parameter is made below, in `dtype`
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     g = torch.Generator(device=dev).manual_seed(seed)
     _quantize_linears(model, dev, dtype, g)
     _materialize(model, dev, dtype, g)

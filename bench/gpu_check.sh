@@ -71,9 +71,9 @@ cat "$OUT/env.txt"
 # ---- the most important figures first -----------------------------------------------------------
 KERNEL_TESTS="tests/test_gpu.py tests/test_cross_entropy.py tests/test_logprobs.py tests/test_attention.py"
 stage kernel_tests 80 $PY -m pytest $KERNEL_TESTS -q -p no:cacheprovider
-e2e e2e_1b 60 llama-3.2-1b sft:4096
-e2e e2e_8b 110 llama-3-8b sft:4096
-BENCH_JSONL="$OUT/bench.jsonl" stage kernel_bench 120 \
+e2e e2e_1b 80 llama-3.2-1b sft:4096
+e2e e2e_8b 120 llama-3-8b sft:4096
+BENCH_JSONL="$OUT/bench.jsonl" stage kernel_bench 100 \
     $PY -m pytest bench -q -p no:cacheprovider --ignore=bench/test_bench_e2e.py --benchmark-columns=median,min,rounds
 cp bench/results/*.json "$OUT/" 2>/dev/null
 e2e e2e_rl 70 llama-3.2-1b dpo,grpo

@@ -7,10 +7,17 @@ losses (and, for DPO and GRPO, the policy's / reference's log-probs) agree withi
 tolerance, and the counts are right. The CPU numbers are a smoke test of a 2-layer model, not a result.
 """
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import e2e
+import report
 from e2e_models import build_qlora
 
 TINY = e2e.TINY
@@ -22,14 +29,6 @@ def tiny(request):
     dev = e2e.device()
     model = build_qlora(request.param, dev, e2e.compute_dtype(dev))
     return request.param, model, e2e.lora_snapshot(model)
-
-
-@pytest.fixture
-def llama_only(tiny):
-    """DPO and GRPO share the SFT step's model code; one architecture keeps the CPU time down."""
-    if tiny[0] != "llama-tiny" and not torch.cuda.is_available():
-        pytest.skip("DPO/GRPO smoke on the CPU: llama-tiny only (qwen2-tiny runs the SFT step)")
-    return tiny
 
 
 def _run(recorder, kind, tiny, providers, shape):
@@ -55,21 +54,35 @@ def test_sft_step(recorder, tiny):
     assert 0 < ours.extra["trained_tokens_per_s"] < ours.tokens_per_s
 
 
-def test_dpo_step(recorder, llama_only):
+def test_dpo_step(recorder, tiny):
     shape = {k: TINY[k] for k in ("pairs", "prompt", "response")}
-    rs = _run(recorder, "e2e_dpo", llama_only, ["fasttune", "hf_plain"], shape)
+    rs = _run(recorder, "e2e_dpo", tiny, ["fasttune", "hf_plain"], shape)
     _assert_agree(rs)
     assert rs["fasttune"].extra["warmup_checks"][0] < 0  # a sum of log-probs
 
 
-def test_grpo_step(recorder, llama_only):
+def test_grpo_step(recorder, tiny):
     shape = {k: TINY[k] for k in ("prompts", "generations", "prompt", "completion")}
-    rs = _run(recorder, "e2e_grpo", llama_only, ["fasttune", "hf_plain"], shape)
+    rs = _run(recorder, "e2e_grpo", tiny, ["fasttune", "hf_plain"], shape)
     _assert_agree(rs)
     for r in rs.values():
         split = r.extra["split"]
         assert all(v > 0 for v in split.values()), split
         assert sum(split.values()) <= r.median_s * 1.05 + 1e-3, (split, r.median_s)
+
+
+def test_command_line_appends_each_result(tmp_path):
+    """What bench/gpu_check.sh runs: one JSON line per provider (Liger last), exit 0 when all agree."""
+    out = tmp_path / "e2e.jsonl"
+    run = subprocess.run([sys.executable, str(Path(e2e.__file__)), "--out", str(out), "--model", "qwen2-tiny",
+                          "--cases", "sft:1024"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONSAFEPATH": "1"}, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["provider"] for r in lines] == ["fasttune", "hf_plain", "liger"]
+    assert lines[1]["extra"]["agrees"] and all(r["env"]["commit"] for r in lines)
+    table = report.tables(report.load(out))
+    assert "**e2e_sft** (qwen2-tiny, seq=1024" in table and "| hf_plain |" in table
 
 
 def test_sft_step_liger(recorder, tiny):

@@ -45,6 +45,20 @@ def _assert_agree(rs):
                                    f"{r.extra['max_rel_diff']:.2e}; {r.extra} vs {done[0].extra}")
 
 
+def test_model_is_real_qlora(tiny):
+    """NF4 bitsandbytes layers under PEFT's 4-bit LoRA layers on every decoder linear, on the CPU too."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    name, model, init = tiny
+    layers = model.get_base_model().model.layers
+    lora = [m for m in layers.modules() if isinstance(m, LoraLinear4bit)]
+    assert len(lora) == 7 * len(layers)
+    assert all(isinstance(m.base_layer, bnb.nn.Linear4bit) and m.base_layer.weight.quant_state.quant_type == "nf4"
+               for m in lora)
+    assert len(init) == 2 * len(lora) and all(p.requires_grad for p in e2e.lora_params(model))
+
+
 def test_sft_step(recorder, tiny):
     rs = _run(recorder, "e2e_sft", tiny, ["fasttune", "hf_plain"], {"seq": TINY["seq"]})
     _assert_agree(rs)

@@ -105,3 +105,42 @@ def aot_signature(fn, dtype: str, floats=(), fp32=(), i32=(), scalars=()) -> dic
         else:
             sig[p.name] = "fp32" if p.name in floats else "i32"
     return sig
+
+
+class Op:
+    """A kernel entry point registered as the torch.library custom op `fasttune::<name>`, with a fake
+    implementation and, if given, autograd (`setup_context(ctx, inputs, output)`, `backward(ctx, *grads)`).
+
+    Calling it inside torch.compile goes through the custom op, so a compiled graph holds one opaque
+    call and no graph break. Calling it eagerly runs the same forward, setup and backward as a
+    torch.autograd.Function, which skips the custom-op dispatcher's per-call cost.
+    """
+
+    def __init__(self, name, impl, fake, setup_context=None, backward=None):
+        self.op = torch.library.custom_op(f"fasttune::{name}", impl, mutates_args=())
+        self.op.register_fake(fake)
+        self.impl = self.eager = impl
+        if backward is not None:
+            self.op.register_autograd(backward, setup_context=setup_context)
+
+            def forward(ctx, *args):  # ctx-style forward: no per-call signature binding
+                out = impl(*args)
+                setup_context(ctx, args, out)
+                return out
+
+            attrs = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+            self.eager = type(name, (torch.autograd.Function,), attrs).apply
+
+    def __call__(self, *args):
+        return self.op(*args) if _traced(args) else self.eager(*args)
+
+    def no_autograd(self, *args):
+        """The forward alone, for a backward that calls the op again."""
+        return self.op(*args) if _traced(args) else self.impl(*args)
+
+
+def _traced(args) -> bool:
+    """Inside torch.compile: dynamo tracing, or AOTAutograd tracing a backward (fake or functional
+    tensor subclasses among the arguments)."""
+    return torch.compiler.is_compiling() or any(
+        type(a) not in (torch.Tensor, torch.nn.Parameter) for a in args if isinstance(a, torch.Tensor))

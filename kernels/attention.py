@@ -31,7 +31,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._backend import aot_signature, empty, interpreting, pick_backend, tl, triton
+from ._backend import Op, aot_signature, empty, interpreting, pick_backend, tl, triton
 
 LOG2E = tl.constexpr(1.4426950408889634)  # @triton.jit code may read no module global but a constexpr
 NO_WINDOW = 1 << 30  # the window passed when there is none: every key of a sample is within it
@@ -452,22 +452,53 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, scale, softcap, window, causal):
     return dq, dk, dv
 
 
-class _VarlenAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, causal, scale, softcap, window):
-        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        # Runtime switches, not constexprs: softcap 0 and window NO_WINDOW switch those off.
-        ctx.args = (scale, float(softcap or 0.0), int(window or NO_WINDOW), int(bool(causal)))
-        o, lse = _forward(q, k, v, cu_seqlens, *ctx.args)
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)  # o for delta = rowsum(dO ∘ O)
-        return o
+# Forward and backward as torch.library custom ops, so that torch.compile(fullgraph=True) runs
+# through them. Both backends go through the ops: the PyTorch path's backward recomputes the
+# per-sample SDPA with autograd. Switches are plain values: softcap 0 and window NO_WINDOW are off.
+def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool,
+               scale: float, softcap: float, window: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """o [T, Hq, D] and the log-sum-exp [Hq, T] the Triton backward needs ([0] on the PyTorch path)."""
+    if backend == "torch":
+        return _attention_torch(q, k, v, cu_seqlens, causal, scale, softcap or None,
+                                None if window == NO_WINDOW else window), q.new_empty(0, dtype=torch.float32)
+    return _forward(q, k, v, cu_seqlens, scale, softcap, window, int(causal))
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-        do = do if do.stride(-1) == 1 else do.contiguous()
-        dq, dk, dv = _backward(do, q, k, v, o, lse, cu_seqlens, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+
+def _attention_fake(q, k, v, cu_seqlens, causal, scale, softcap, window, backend):
+    lse = q.new_empty((q.shape[1], q.shape[0]) if backend != "torch" else (0,), dtype=torch.float32)
+    return torch.empty_like(q), lse
+
+
+def _attention_backward_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                        lse: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale: float, softcap: float,
+                        window: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "torch":
+        return _attention_torch_backward(do, q, k, v, cu_seqlens, causal, scale, softcap or None,
+                                         None if window == NO_WINDOW else window)
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    return _backward(do, q, k, v, o, lse, cu_seqlens, scale, softcap, window, int(causal))
+
+
+def _attention_backward_fake(do, q, k, v, o, lse, cu_seqlens, causal, scale, softcap, window, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_attention_backward = Op("varlen_attention_backward", _attention_backward_impl, _attention_backward_fake)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, *ctx.args = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)  # o for delta = rowsum(dO ∘ O)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _attention_grad(ctx, do, _):
+    dq, dk, dv = _attention_backward(do, *ctx.saved_tensors, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_attention = Op("varlen_attention", _attention_impl, _attention_fake, _attention_setup, _attention_grad)
 
 
 def gpu_variants():
@@ -529,6 +560,42 @@ def _attention_torch(q, k, v, cu_seqlens, causal, scale, softcap, window):
     return torch.cat(out) if out else torch.empty_like(q)
 
 
+def _attention_torch_backward(do, q, k, v, cu_seqlens, causal, scale, softcap, window):
+    """dq, dk, dv of `_attention_torch`, per sample in fp32 (autograd does not run inside a custom op):
+    P = softmax(S), dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - rowsum(dO ∘ O)), dQ = dS K·scale, dK = dSᵀ Q·scale,
+    with the softcap's chain rule (1 - tanh²) and dK, dV summed over each kv head's q heads."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    group = Hq // Hkv
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    bounds = cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e == s:
+            continue
+        qi, ki, vi, doi = (x[s:e].transpose(0, 1).float() for x in (q, k, v, do))  # [H, L, D]
+        ki, vi = ki.repeat_interleave(group, 0), vi.repeat_interleave(group, 0)
+        scores = qi @ ki.transpose(1, 2) * scale
+        t = None
+        if softcap is not None:
+            t = torch.tanh(scores / softcap)
+            scores = softcap * t
+        mask = _sample_mask(e - s, causal, window, q.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        p = scores.softmax(-1)
+        dvi = p.transpose(1, 2) @ doi
+        dp = doi @ vi.transpose(1, 2)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        if t is not None:
+            ds = ds * (1.0 - t * t)
+        dqi = ds @ ki * scale
+        dki = ds.transpose(1, 2) @ qi * scale
+        L, D = e - s, q.shape[2]
+        dq[s:e] = dqi.transpose(0, 1).to(q.dtype)
+        dk[s:e] = dki.view(Hkv, group, L, D).sum(1).transpose(0, 1).to(k.dtype)
+        dv[s:e] = dvi.view(Hkv, group, L, D).sum(1).transpose(0, 1).to(v.dtype)
+    return dq, dk, dv
+
+
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
@@ -562,14 +629,19 @@ def varlen_attention(
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must be [B + 1]: 0, then the end of each sample")
-    if cu_seqlens.device.type == "cpu" and q.device.type == "cpu":  # free to check here
+    if cu_seqlens.device.type == "cpu" and q.device.type == "cpu" and not torch.compiler.is_compiling():
+        # free to check here (eager, on the host)
         c = cu_seqlens.tolist()
         if c[0] != 0 or c[-1] != q.shape[0] or any(b < a for a, b in zip(c, c[1:])):
             raise ValueError(f"cu_seqlens must rise from 0 to T = {q.shape[0]}, got {c[:8]}{'...' if len(c) > 8 else ''}")
     if window is not None and (window < 1 or not causal):
         raise ValueError(f"window must be >= 1 and used with causal=True, got window={window}, causal={causal}")
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    if pick_backend(backend, q.device) == "torch":
-        return _attention_torch(q, k, v, cu_seqlens, causal, scale, softcap, window)
+    be = pick_backend(backend, q.device)
+    if be == "triton":
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        if q.shape[-1] > 256:
+            raise ValueError(f"varlen_attention's Triton path supports head dims up to 256, got {q.shape[-1]}")
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    return _VarlenAttention.apply(q, k, v, cu, causal, float(scale), softcap, window)
+    return _attention(q, k, v, cu, bool(causal), float(scale), float(softcap or 0.0),
+                      NO_WINDOW if window is None else int(window), be)[0]

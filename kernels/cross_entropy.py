@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._backend import aot_signature, chunk_rows, empty, pick_backend, tl, triton
+from ._backend import Op, aot_signature, chunk_rows, empty, pick_backend, tl, triton
 
 # Launch table of the row kernel: (BLOCK_V, num_warps). A vocabulary takes the smallest tile that
 # holds it, else the largest. kernels/_aot.py compiles every entry; tests swap in a small tile to
@@ -370,15 +370,13 @@ def _trained_rows(select, n_rows, device):
 #   into the weights (4 matmuls).
 
 
-@torch.library.custom_op("fasttune::linear_ce", mutates_args=())
-def _linear_ce(
+def _linear_ce_impl(
     h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, labels: torch.Tensor, weights: torch.Tensor,
     select: torch.Tensor | None, n: torch.Tensor, reduction: str, eps: float, z_loss: float,
     softcap: float | None, inv_temp: float, entropy: bool, backend: str, chunk: int,
     need_gh: bool, need_gw: bool, need_gb: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with torch.autocast(h.device.type, enabled=False):  # keep the dtypes we were given
-        _check_label_range(labels, weights, w.shape[0])
         rows = _trained_rows(select, h.shape[0], h.device)
         o = _Opts(backend, chunk, eps, z_loss, softcap, inv_temp, entropy)
         labels, weights = labels.to(h.device, non_blocking=True), weights.to(h.device, non_blocking=True)
@@ -389,8 +387,7 @@ def _linear_ce(
                 *(h.new_empty(0) if x is None else x for x in outs))  # distinct empties: outputs may not alias
 
 
-@_linear_ce.register_fake
-def _(h, w, b, labels, weights, select, n, reduction, eps, z_loss, softcap, inv_temp, entropy, backend, chunk,
+def _linear_ce_fake(h, w, b, labels, weights, select, n, reduction, eps, z_loss, softcap, inv_temp, entropy, backend, chunk,
       need_gh, need_gw, need_gb):
     N, V = h.shape[0], w.shape[0]
     f32 = lambda *shape: h.new_empty(shape, dtype=torch.float32)  # noqa: E731
@@ -409,6 +406,7 @@ def _linear_ce_setup(ctx, inputs, output):
     else:
         ctx.save_for_backward(*output[4:], n)  # gh, gw, gb formed in the forward
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero tensors for the outputs that get no gradient
 
 
 def _linear_ce_backward(ctx, grad_loss, *_):
@@ -417,23 +415,32 @@ def _linear_ce_backward(ctx, grad_loss, *_):
     if ctx.recompute:
         h, w, b, labels, weights, select, n = ctx.saved_tensors
         up = weights.to(h.device) * grad_loss.float()
-        _, _, _, _, gh, gw, gb = _linear_ce(h, w, b, labels, up, select, n, "none", eps, z_loss, softcap, inv_temp,
-                                            False, backend, chunk, need_gh, need_gw, need_gb)
+        _, _, _, _, gh, gw, gb = _linear_ce.no_autograd(h, w, b, labels, up, select, n, "none", eps, z_loss, softcap,
+                                                        inv_temp, False, backend, chunk, need_gh, need_gw, need_gb)
     elif reduction == "none":  # frozen head: dh per token was formed in the forward
         gh, gw, gb, n = ctx.saved_tensors
-        gh = gh.mul_(grad_loss.to(gh.dtype).unsqueeze(1))
+        gh, gw, gb = _mul(gh, grad_loss.to(gh.dtype).unsqueeze(1)) if need_gh else None, None, None
     else:
         gh, gw, gb, n = ctx.saved_tensors
         s = _scale(grad_loss.float(), n.to(grad_loss.device))
-        # In place: these buffers are ours. A second backward through the same graph is caught
-        # by autograd's saved-tensor version check instead of scaling twice.
-        gh, gw, gb = gh.mul_(s.to(gh.dtype)), gw.mul_(s), gb.mul_(s)
+        gh = _mul(gh, s.to(gh.dtype)) if need_gh else None
+        gw = _mul(gw, s) if need_gw else None
+        gb = _mul(gb, s) if need_gb else None
     grads = (gh.to(h_dtype) if need_gh else None, gw.to(w_dtype) if need_gw else None,
              gb.to(b_dtype) if need_gb else None)
     return (*grads, *(None,) * 15)
 
 
-_linear_ce.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
+def _mul(buffer, factor):
+    # Eager: in place, so no second [V, H] fp32 buffer; these buffers are ours, and a second
+    # backward through the same graph is caught by autograd's saved-tensor version check instead
+    # of scaling twice. Traced (torch.compile): out of place, which the graph's functional form needs.
+    if torch.compiler.is_compiling() or isinstance(buffer, torch._subclasses.FakeTensor):
+        return buffer * factor
+    return buffer.mul_(factor)
+
+
+_linear_ce = Op("linear_ce", _linear_ce_impl, _linear_ce_fake, _linear_ce_setup, _linear_ce_backward)
 
 
 def _head(h, w, b, labels, weights, select, n, reduction, o: _Opts):
@@ -444,12 +451,10 @@ def _head(h, w, b, labels, weights, select, n, reduction, o: _Opts):
                       grad and b is not None and b.requires_grad)
 
 
-@torch.library.custom_op("fasttune::cross_entropy", mutates_args=())
-def _ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, n: torch.Tensor, reduction: str,
+def _ce_impl(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, n: torch.Tensor, reduction: str,
         eps: float, z_loss: float, softcap: float | None, backend: str, chunk: int,
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-entropy on given logits: loss, lse, correct."""
-    _check_label_range(labels, weights, logits.shape[1])
     labels, weights = labels.to(logits.device, non_blocking=True), weights.to(logits.device, non_blocking=True)
     o = _Opts(backend, chunk, eps, z_loss, softcap)
     N = logits.shape[0]
@@ -460,15 +465,13 @@ def _ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, n: to
     return _reduce(loss, n.to(logits.device), reduction), lse, correct
 
 
-@_ce.register_fake
-def _(logits, labels, weights, n, reduction, eps, z_loss, softcap, backend, chunk):
+def _ce_fake(logits, labels, weights, n, reduction, eps, z_loss, softcap, backend, chunk):
     N = logits.shape[0]
     f32 = lambda *shape: logits.new_empty(shape, dtype=torch.float32)  # noqa: E731
     return f32(N) if reduction == "none" else f32(), f32(N), f32(N)
 
 
-@torch.library.custom_op("fasttune::cross_entropy_backward", mutates_args=())
-def _ce_backward(logits: torch.Tensor, labels: torch.Tensor, up: torch.Tensor, eps: float, z_loss: float,
+def _ce_backward_impl(logits: torch.Tensor, labels: torch.Tensor, up: torch.Tensor, eps: float, z_loss: float,
                  softcap: float | None, backend: str, chunk: int) -> torch.Tensor:
     """dL/dlogits for per-token upstream factors `up` (weight × upstream gradient)."""
     labels = labels.to(logits.device, non_blocking=True)
@@ -480,9 +483,8 @@ def _ce_backward(logits: torch.Tensor, labels: torch.Tensor, up: torch.Tensor, e
     return grad
 
 
-@_ce_backward.register_fake
-def _(logits, labels, up, eps, z_loss, softcap, backend, chunk):
-    return torch.empty_like(logits)
+_ce_backward = Op("cross_entropy_backward", _ce_backward_impl,
+                  lambda logits, labels, up, eps, z_loss, softcap, backend, chunk: torch.empty_like(logits))
 
 
 def _ce_setup(ctx, inputs, output):
@@ -490,6 +492,7 @@ def _ce_setup(ctx, inputs, output):
     ctx.save_for_backward(logits, labels, weights, n)
     ctx.reduction, ctx.opts = reduction, opts
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
 
 
 def _ce_grad(ctx, grad_loss, *_):
@@ -499,7 +502,7 @@ def _ce_grad(ctx, grad_loss, *_):
     return (_ce_backward(logits, labels, up, *ctx.opts),) + (None,) * 9
 
 
-_ce.register_autograd(_ce_grad, setup_context=_ce_setup)
+_ce = Op("cross_entropy", _ce_impl, _ce_fake, _ce_setup, _ce_grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,8 +573,9 @@ def _check(labels, n_rows, loss_mask, reduction, label_smoothing, z_loss, softca
 
 
 def _check_label_range(labels, weights, V):
-    # Only for labels on the CPU, where it costs no sync; on CUDA out-of-range labels read as logit 0.
-    if labels.device.type == "cpu":
+    # Only for labels on the CPU, where it costs no sync, and in eager code (a compiled graph cannot
+    # branch on data); on CUDA out-of-range labels read as logit 0.
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = (weights != 0) & ((labels < 0) | (labels >= V))
         if bad.any():
             i = int(bad.nonzero()[0])
@@ -579,12 +583,13 @@ def _check_label_range(labels, weights, V):
                              "mask it with ignore_index or loss_mask")
 
 
-def prepare_head(hidden, labels, *, ignore_index, loss_mask):
+def prepare_head(hidden, weight, labels, *, ignore_index, loss_mask):
     """Flatten a head call: h [N, H], labels [N] int64 and token weights where the caller made the
     labels, and `select`, the weights again if they are on the host (for skipping masked rows)."""
     h = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).to(torch.int64)
     weights = _token_weights(labels, loss_mask, ignore_index)
+    _check_label_range(labels, weights, weight.shape[0])
     return h, labels, weights, weights if weights.device.type == "cpu" else None
 
 
@@ -646,7 +651,7 @@ def fused_linear_cross_entropy(
     _check_head(hidden, weight, bias)
     N = hidden.numel() // hidden.shape[-1]
     _check(labels, N, loss_mask, reduction, label_smoothing, z_loss, softcap, "hidden")
-    h, labels, weights, select = prepare_head(hidden, labels, ignore_index=ignore_index, loss_mask=loss_mask)
+    h, labels, weights, select = prepare_head(hidden, weight, labels, ignore_index=ignore_index, loss_mask=loss_mask)
     n = _normalizer(weights, num_items, reduction, h.device)
     o = _Opts(pick_backend(backend, h.device), chunk_rows(weight.shape[0], h.device, h.dtype, chunk_size),
               float(label_smoothing), float(z_loss), softcap)
@@ -680,6 +685,7 @@ def cross_entropy(
         z = z.contiguous()
     labels = labels.reshape(-1).to(torch.int64)
     weights = _token_weights(labels, loss_mask, ignore_index)
+    _check_label_range(labels, weights, z.shape[1])
     n = _normalizer(weights, num_items, reduction, z.device)
     be = pick_backend(backend, z.device)
     chunk = z.shape[0] if be == "triton" else chunk_rows(z.shape[1], z.device, z.dtype, None)

@@ -53,7 +53,7 @@ def _cu_seqlens(B, S, position_ids, padding_mask, device):
         pm = padding_mask.to(device=device, dtype=torch.bool)
         starts[:, 1:] |= pm[:, 1:] != pm[:, :-1]
     flat = starts.reshape(-1)
-    if device.type == "cpu":
+    if device.type == "cpu" and not torch.compiler.is_compiling():  # a compiled graph takes the fixed size
         idx = flat.nonzero().squeeze(1)
         return torch.cat([idx, torch.tensor([B * S], device=device)]).to(torch.int32)
     sample = torch.cumsum(flat, 0, dtype=torch.int32) - 1  # sample index of each token

@@ -45,7 +45,7 @@ def linear_logprobs(
     _check(labels, N, None, "none", 0.0, 0.0, softcap, "hidden")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    h, labels, weights, select = prepare_head(hidden, labels, ignore_index=ignore_index, loss_mask=None)
+    h, labels, weights, select = prepare_head(hidden, weight, labels, ignore_index=ignore_index, loss_mask=None)
     o = _Opts(pick_backend(backend, h.device), chunk_rows(weight.shape[0], h.device, h.dtype, chunk_size),
               softcap=softcap, inv_temp=1.0 / temperature, entropy=return_entropy)
     one = torch.ones((), device=h.device)

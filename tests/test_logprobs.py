@@ -226,7 +226,7 @@ def test_grpo_loss_types(backend, loss_type, with_old):
     temp = 0.9
     z, p64 = logits64(h, w, None)
     logp64, ent64 = logprobs_reference(z, torch.where(mask, ids, -100), temperature=temp)
-    old = (logp64.detach() + 0.3 * torch.randn(B, T)).float() if with_old else None
+    old = (logp64.detach() + 0.6 * torch.randn(B, T)).float() if with_old else None
     ref = (logp64.detach() + 0.2 * torch.randn(B, T)).float()
     loss, stats = grpo_loss(h, w, ids, mask, adv, old_logps=old, ref_logps=ref, beta=0.05,
                             epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, temperature=temp,

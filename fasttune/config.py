@@ -63,6 +63,8 @@ class DataConfig:
     overlong: str = choice("truncate", "error", "drop", "truncate", doc="what happens to longer examples (always counted)")
     packing: bool = doc(True, "pack examples into rows of micro_batch_size tokens (needs varlen attention)")
     train_on: str = choice("assistant", "assistant", "last_assistant", "all", doc="which turns are trained")
+    multi_turn: str = choice("full", "full", "split", doc="train all turns of a conversation in one example as "
+                             "rendered together, or one example per turn as generation renders it")
 
 
 @dataclass

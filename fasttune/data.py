@@ -1,16 +1,23 @@
 """SFT data: read Alpaca, ShareGPT or OpenAI-messages records, render them with the chat template,
-and build the loss mask by construction.
+and build the loss mask on that rendering.
 
 Formats (JSON list or JSONL, detected per file unless `data.format` says):
 - alpaca:   {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
 - sharegpt: {"conversations": [{"from": "system"|"human"|"gpt"|other, "value": ...}, ...]}
-- messages: {"messages": [{"role": ..., "content": ...}, ...]} (OpenAI; also "conversations" with role/content)
+- messages: {"messages": [{"role": ..., "content": ..., "reasoning_content"?: ...}, ...]} (OpenAI; also
+  "conversations" with role/content)
 
-Masks by construction: the conversation is rendered one message at a time, each message's text
-being what the chat template adds for it (the template must render a conversation as the
-concatenation of its turns, which ChatML-style and Llama-3-style templates do). A trained turn
-trains its content and its end-of-turn token, not its role header (the text that
-`add_generation_prompt` adds). No response is ever located by matching strings.
+Masks from what inference sees: the whole conversation is rendered once with the chat template and
+that text is tokenized (with character offsets); the ids are exactly what generation sees. Each
+trained message's rendered span (its content as the template printed it, trimmed or not, its
+reasoning, its end-of-turn token) is located by rendering once more with a sentinel in place of each
+trained field and matching the two renderings piece by piece (`trained_spans`); tokens overlapping a
+span are trained. Role headers, template boilerplate (an empty think block, a default system prompt,
+a date line) and the other messages are never trained. No response is searched for as a string.
+Templates that rewrite history (Qwen3 drops the think block of earlier turns) train every turn as it
+stands in the full rendering; `data.multi_turn = "split"` instead makes one example per trained turn,
+each ending with that turn, as generation renders it. A record whose masks cannot be built is skipped
+and counted, with the reason.
 """
 
 import json
@@ -110,7 +117,10 @@ def to_messages(record: dict, fmt: str, where: str, roles: dict) -> list[dict]:
         for i, turn in enumerate(turns):
             if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
                 raise DataError(f"{where}: messages[{i}] needs 'role' and 'content'")
-            msgs.append({"role": roles.get(turn["role"], turn["role"]), "content": text(turn["content"], f"messages[{i}].content")})
+            msg = {"role": roles.get(turn["role"], turn["role"]), "content": text(turn["content"], f"messages[{i}].content")}
+            if turn.get("reasoning_content"):  # Qwen3 / DeepSeek-R1 style thinking, printed by the template
+                msg["reasoning_content"] = text(turn["reasoning_content"], f"messages[{i}].reasoning_content")
+            msgs.append(msg)
     if not msgs:
         raise DataError(f"{where}: the conversation is empty")
     return msgs
@@ -121,61 +131,146 @@ def to_messages(record: dict, fmt: str, where: str, roles: dict) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 
-def _render(tokenizer, messages, add_generation_prompt=False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+class TemplateError(DataError):
+    """A conversation the chat template renders in a way its masks cannot be built for; the record is
+    skipped and counted, not the run stopped."""
 
 
-SENTINEL = "\x00fasttune-turn\x00"
+def _render(tokenizer, messages, add_generation_prompt=False, where="") -> str:
+    from jinja2 import TemplateError as JinjaError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except JinjaError as e:  # raise_exception(...) in the template: it refuses this conversation
+        raise TemplateError(f"{where}: the chat template refuses this conversation: {e}") from None
 
 
-def _turn_frame(tokenizer, before, role, where) -> tuple[str, str]:
-    """The text the template puts before and after a `role` message's content, following `before`."""
-    base = _render(tokenizer, before) if before else ""
-    probe = _render(tokenizer, [*before, {"role": role, "content": SENTINEL}])
-    if not probe.startswith(base) or probe.count(SENTINEL) != 1:
-        raise DataError(f"{where}: the chat template does not render turns one after another; set model.chat_template")
-    seg = probe[len(base):]
-    head, tail = seg.split(SENTINEL)
-    return head, tail
+def _sentinel(i, field):
+    # Private-use characters: no whitespace for a template's `trim` to take, nothing a tokenizer merges.
+    return f"\ue000{i}{field}\ue001"
+
+
+def _printed_as(text):
+    """What a template may print for a field: as it is, or trimmed (Llama 3, Gemma, Qwen3's strips)."""
+    return dict.fromkeys([text, text.strip(), text.lstrip(), text.rstrip(), text.strip("\n"), text.lstrip("\n")])
+
+
+def _fill(full, pieces, values, pos=0):
+    """Positions [(start, end)] of each value in `full` = pieces[0] + v0 + pieces[1] + v1 + ...,
+    each value printed as one of its _printed_as forms; None if no choice reproduces `full`."""
+    if not full.startswith(pieces[0], pos):
+        return None
+    pos += len(pieces[0])
+    if not values:
+        return [] if pos == len(full) else None
+    for form in _printed_as(values[0]):
+        if full.startswith(form, pos):
+            rest = _fill(full, pieces[1:], values[1:], pos + len(form))
+            if rest is not None:
+                return [(pos, pos + len(form)), *rest]
+    return None
+
+
+def _end_of_turn(tokenizer, text) -> int:
+    """Length of the end-of-turn marker at the start of `text` (the template text after a message's
+    content): through the first special token, if only whitespace comes before it; else 0."""
+    specials = {tokenizer.eos_token, *getattr(tokenizer, "all_special_tokens", [])}
+    specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    best = None
+    for tok in filter(None, specials):
+        i = text.find(tok)
+        if i >= 0 and not text[:i].strip() and (best is None or i < best[0]):
+            best = (i, i + len(tok))
+    return best[1] if best else 0
+
+
+def trained_spans(tokenizer, messages, full, trained, where) -> list[tuple[int, int]]:
+    """Character spans of `full` (the rendering of `messages`) that the messages `trained` occupy: each
+    from its first printed field (`reasoning_content`, else the content) to the end of its content and
+    its end-of-turn token. Found by rendering the conversation once more with a sentinel in place of
+    each trained field and matching the two renderings piece by piece, so a template that trims
+    content, drops reasoning from history or adds boilerplate (an empty think block) is followed
+    exactly, and no response is searched for as a string."""
+    probe, values = [dict(m) for m in messages], []
+    for i in trained:
+        for field in ("reasoning_content", "content"):
+            if probe[i].get(field) or (field == "content" and field in probe[i]):
+                values.append((i, field, probe[i][field]))
+                probe[i][field] = _sentinel(i, field[0])
+    marked = _render(tokenizer, probe, where=where)
+    for i, f, _ in values:
+        if marked.count(_sentinel(i, f[0])) > 1:
+            raise TemplateError(f"{where}: the chat template prints the {f} of message {i} more than once")
+        if f == "content" and _sentinel(i, "c") not in marked:
+            raise TemplateError(f"{where}: the chat template does not print the content of message {i}")
+    # A field the template leaves out (Qwen3 drops earlier turns' reasoning) has nothing to train.
+    order = sorted((v for v in values if _sentinel(v[0], v[1][0]) in marked),
+                   key=lambda v: marked.find(_sentinel(v[0], v[1][0])))
+    keys = [_sentinel(i, f[0]) for i, f, _ in order]
+    pieces, rest = [], marked
+    for k in keys:
+        head, rest = rest.split(k)
+        pieces.append(head)
+    pieces.append(rest)
+    pos = _fill(full, pieces, [v for _, _, v in order])
+    if pos is None:
+        raise TemplateError(f"{where}: the chat template prints a trained message differently once its content "
+                            "changes (inline <think> blocks? pass them as reasoning_content), so its tokens cannot "
+                            "be located")
+    spans = {}
+    for (i, _, _), (a, b) in zip(order, pos):
+        s, e = spans.get(i, (a, b))
+        spans[i] = (min(s, a), max(e, b))
+    out = []
+    for i, (a, b) in sorted(spans.items()):
+        out.append((a, b + _end_of_turn(tokenizer, full[b:])))
+    return out
+
+
+def _tokenize(tokenizer, text, where):
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise DataError(f"{where}: the tokenizer has no character offsets (a slow tokenizer); fasttune needs a fast "
+                        "tokenizer (tokenizer.json) to locate the trained tokens") from None
+    return enc["input_ids"], enc["offset_mapping"]
 
 
 def tokenize_conversation(tokenizer, messages, *, train_on="assistant", trainable_roles=(), where="",
                           train_from=0) -> tuple[list, list]:
-    """input_ids and labels (IGNORE where not trained) of one conversation, built message by message.
+    """input_ids and labels (IGNORE where not trained) of one conversation, from one rendering.
 
-    A trained message trains its content and its end-of-turn token (the tokenizer's eos), not its
-    role header nor what follows the end-of-turn token. Messages before `train_from` are never
-    trained (a preference pair's prompt).
+    The ids are the tokenization of the conversation as the chat template renders it, which is what
+    generation sees. A trained message trains the tokens of its rendered span (its content as the
+    template printed it, its reasoning, its end-of-turn token), mapped onto tokens by character
+    offsets: a token is trained if it overlaps the span. Role headers, template boilerplate and other
+    messages are never trained. Messages before `train_from` (a preference pair's prompt) are not
+    trained, and then the ids are the tokenization of the prompt as rendered with the generation
+    prompt followed by that of the rest, so the prompt's tokens are what inference feeds the model
+    whatever the response.
     """
     trained_roles = {"assistant", *trainable_roles}
-    last_trained = max((i for i, m in enumerate(messages) if m["role"] in trained_roles), default=-1)
-    eos = tokenizer.eos_token_id
-    ids, labels = [], []
-    prefix = ""
-    for i, msg in enumerate(messages):
-        rendered = _render(tokenizer, messages[: i + 1])
-        if not rendered.startswith(prefix):
-            raise DataError(f"{where}: the chat template does not render this conversation turn by turn (message {i} "
-                            "changes the text before it), so the masks cannot be built; set model.chat_template")
-        segment = rendered[len(prefix):]
-        prefix = rendered
-        train = msg["role"] in trained_roles and i >= train_from and (train_on == "assistant" or i == last_trained)
-        if train_on == "all" or not train:
-            seg_ids = tokenizer(segment, add_special_tokens=False)["input_ids"]
-            ids += seg_ids
-            labels += seg_ids if train_on == "all" else [IGNORE] * len(seg_ids)
-            continue
-        head, tail = _turn_frame(tokenizer, messages[:i], msg["role"], where)
-        if segment != head + msg["content"] + tail:
-            raise DataError(f"{where}: the chat template changes the content of message {i} ({msg['role']}), so its "
-                            "trained tokens cannot be located by construction; set model.chat_template")
-        head_ids = tokenizer(head, add_special_tokens=False)["input_ids"] if head else []
-        body_ids = tokenizer(segment[len(head):], add_special_tokens=False)["input_ids"]
-        end = len(body_ids)
-        if eos is not None and eos in body_ids:  # through the last end-of-turn token, not what follows
-            end = len(body_ids) - body_ids[::-1].index(eos)
-        ids += head_ids + body_ids
-        labels += [IGNORE] * len(head_ids) + body_ids[:end] + [IGNORE] * (len(body_ids) - end)
+    candidates = [i for i, m in enumerate(messages) if m["role"] in trained_roles and i >= train_from]
+    if train_on == "last_assistant":
+        candidates = candidates[-1:]
+    full = _render(tokenizer, messages, where=where)
+    spans = [] if train_on == "all" else trained_spans(tokenizer, messages, full, candidates, where)
+    cut = 0
+    if train_from:
+        prompt = _render(tokenizer, messages[:train_from], add_generation_prompt=True, where=where)
+        if not full.startswith(prompt):
+            raise TemplateError(f"{where}: the chat template renders the prompt with the generation prompt differently "
+                                "from the start of the whole conversation, so the pair cannot share its prompt")
+        cut = len(prompt)
+    ids, offsets = [], []
+    for start, text in ((0, full[:cut]), (cut, full[cut:])):
+        if text:
+            piece_ids, piece_offsets = _tokenize(tokenizer, text, where)
+            ids += piece_ids
+            offsets += [(start + a, start + b) for a, b in piece_offsets]
+    if train_on == "all":
+        return ids, [t if a >= cut else IGNORE for t, (a, _) in zip(ids, offsets)]
+    labels = [t if any(max(a, s) < min(b, e) for s, e in spans) else IGNORE for t, (a, b) in zip(ids, offsets)]
     return ids, labels
 
 
@@ -199,6 +294,7 @@ class DataReport:
     truncated: int = 0
     dropped: int = 0
     fully_masked: list = field(default_factory=list)  # where of examples with no trained token
+    skipped: list = field(default_factory=list)  # why records the chat template cannot mask were skipped
     lengths: list = field(default_factory=list)
     trained_tokens: int = 0
 
@@ -210,6 +306,9 @@ class DataReport:
                  f"{self.trained_tokens} trained tokens in all"]
         if self.truncated or self.dropped:
             lines.append(f"  over max_seq_len: {self.truncated} truncated, {self.dropped} dropped")
+        if self.skipped:
+            lines.append(f"  {len(self.skipped)} records skipped because their masks cannot be built, e.g. "
+                         f"{self.skipped[0]}")
         if self.fully_masked:
             lines.append(f"  {len(self.fully_masked)} examples have no trained token and are skipped, "
                          f"e.g. {self.fully_masked[0]}")
@@ -232,29 +331,51 @@ def load_sft(path, tokenizer, data_cfg) -> tuple[list[Example], DataReport]:
         if got != fmt and not (fmt == "messages" and got == "messages"):
             raise DataError(f"{where}: this record is not in {fmt} format (keys: {sorted(rec)})")
         msgs = to_messages(rec, fmt, where, data_cfg.roles)
-        ids, labels = tokenize_conversation(tokenizer, msgs, train_on=data_cfg.train_on,
-                                            trainable_roles=data_cfg.trainable_roles, where=where)
-        if len(ids) > data_cfg.max_seq_len:
-            if data_cfg.overlong == "error":
-                raise DataError(f"{where}: {len(ids)} tokens, more than data.max_seq_len = {data_cfg.max_seq_len}; "
-                                "raise max_seq_len, or set data.overlong = \"truncate\" or \"drop\"")
-            if data_cfg.overlong == "drop":
-                report.dropped += 1
+        for ex_where, conv, train_on in _conversations(msgs, data_cfg, where):
+            try:
+                ids, labels = tokenize_conversation(tokenizer, conv, train_on=train_on,
+                                                    trainable_roles=data_cfg.trainable_roles, where=ex_where)
+            except TemplateError as e:
+                report.skipped.append(str(e))
                 continue
-            ids, labels = ids[: data_cfg.max_seq_len], labels[: data_cfg.max_seq_len]
-            report.truncated += 1
-        trained = sum(label != IGNORE for label in labels[1:])  # the first token is never predicted
-        if trained == 0:
-            report.fully_masked.append(where)
-            continue
-        report.trained_tokens += trained
-        report.lengths.append(len(ids))
-        out.append(Example(ids, labels, where))
+            _add_example(out, report, ids, labels, ex_where, data_cfg)
     report.examples = len(out)
     if not out:
         raise DataError(f"{path}: no example has a trained token ({len(report.fully_masked)} fully masked, "
-                        f"{report.dropped} dropped as too long); check data.train_on and data.roles")
+                        f"{report.dropped} dropped as too long, {len(report.skipped)} skipped"
+                        + (f": {report.skipped[0]}" if report.skipped else "") + "); check data.train_on and data.roles")
     return out, report
+
+
+def _conversations(msgs, data_cfg, where):
+    """(where, messages, train_on) of the examples a conversation gives: itself, or with
+    data.multi_turn = "split" one example per trained turn, ending with that turn and training it
+    alone, so each turn is trained as the template renders it for generation."""
+    if data_cfg.multi_turn != "split" or data_cfg.train_on != "assistant":
+        return [(where, msgs, data_cfg.train_on)]
+    roles = {"assistant", *data_cfg.trainable_roles}
+    turns = [i for i, m in enumerate(msgs) if m["role"] in roles]
+    return [(f"{where} (turn {i})" if len(turns) > 1 else where, msgs[: i + 1], "last_assistant") for i in turns]
+
+
+def _add_example(out, report, ids, labels, where, data_cfg):
+    """Fit one tokenized example to data.max_seq_len and keep it if it trains a token."""
+    if len(ids) > data_cfg.max_seq_len:
+        if data_cfg.overlong == "error":
+            raise DataError(f"{where}: {len(ids)} tokens, more than data.max_seq_len = {data_cfg.max_seq_len}; "
+                            "raise max_seq_len, or set data.overlong = \"truncate\" or \"drop\"")
+        if data_cfg.overlong == "drop":
+            report.dropped += 1
+            return
+        ids, labels = ids[: data_cfg.max_seq_len], labels[: data_cfg.max_seq_len]
+        report.truncated += 1
+    trained = sum(label != IGNORE for label in labels[1:])  # the first token is never predicted
+    if trained == 0:
+        report.fully_masked.append(where)
+        return
+    report.trained_tokens += trained
+    report.lengths.append(len(ids))
+    out.append(Example(ids, labels, where))
 
 
 def packing_rows(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -1,0 +1,132 @@
+"""Masks from what inference sees, on real tokenizers and chat templates (tests/real_tokenizers.py).
+
+For Qwen3, Llama 3.1, Gemma 3, DeepSeek-V3 and Mistral's [INST] template on the Llama 2 SentencePiece
+vocabulary: the ids of a conversation are exactly the tokenization of its rendering, and the trained
+tokens, run by run, decode to each assistant message's content followed by its end-of-turn token and
+nothing else (no role header, no template boilerplate such as Qwen3's empty think block).
+"""
+
+import json
+
+import pytest
+
+import real_tokenizers
+from fasttune.data import IGNORE, TemplateError, load_sft, tokenize_conversation
+
+EOT = {"qwen3": "<|im_end|>", "llama3": "<|eot_id|>", "gemma3": "<end_of_turn>",
+       "deepseek_v3": "<｜end▁of▁sentence｜>", "mistral": "</s>"}
+U, A, S = "user", "assistant", "system"
+CONVERSATIONS = {
+    "single": [(U, "What is 2 + 2?"), (A, "It is 4.")],
+    "system": [(S, "You answer tersely."), (U, "Name a colour."), (A, "Blue.")],
+    "multi_turn": [(U, "Hi!"), (A, "Hello, how can I help?"), (U, "Count to three."), (A, "One, two, three.")],
+    "whitespace": [(U, "  spaced question \n"), (A, "\n It is 4.\n\n")],
+    "non_english": [(U, "你好，世界有多大？"), (A, "世界很大。 مرحبا بالعالم")],
+    "empty": [(U, "Say nothing."), (A, "")],
+}
+
+
+@pytest.fixture(scope="module", params=list(EOT))
+def family(request):
+    return request.param, real_tokenizers.load(request.param)
+
+
+def _msgs(conv):
+    return [{"role": r, "content": c} for r, c in conv]
+
+
+def _runs(ids, labels):
+    """The trained tokens, as one list per contiguous run."""
+    runs, cur = [], []
+    for t, lab in zip(ids, labels):
+        if lab != IGNORE:
+            assert lab == t
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])
+
+
+def _norm(text):
+    return "".join(text.split())
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_ids_and_masks(family, name):
+    fam, tok = family
+    msgs = _msgs(CONVERSATIONS[name])
+    if fam == "mistral" and name == "system":
+        with pytest.raises(TemplateError, match="refuses"):  # its template allows user/assistant only
+            tokenize_conversation(tok, msgs, where="rec")
+        return
+    ids, labels = tokenize_conversation(tok, msgs, where="rec")
+    rendered = tok.apply_chat_template(msgs, tokenize=False)
+    assert ids == tok(rendered, add_special_tokens=False)["input_ids"]
+    runs = _runs(ids, labels)
+    answers = [m["content"] for m in msgs if m["role"] == A]
+    assert len(runs) == len(answers), [tok.decode(r) for r in runs]
+    for run, answer in zip(runs, answers):
+        assert _norm(tok.decode(run)) == _norm(answer) + EOT[fam], (tok.decode(run), answer)
+
+
+def test_train_on_last_and_all(family):
+    fam, tok = family
+    msgs = _msgs(CONVERSATIONS["multi_turn"])
+    ids, labels = tokenize_conversation(tok, msgs, train_on="last_assistant")
+    runs = _runs(ids, labels)
+    assert len(runs) == 1 and _norm(tok.decode(runs[0])) == _norm("One, two, three.") + EOT[fam]
+    ids, labels = tokenize_conversation(tok, msgs, train_on="all")
+    assert labels == ids
+
+
+def test_pair_prompt_is_the_generation_prompt(family):
+    """A preference pair's prompt tokens are the same on both sides and equal to the tokenization of
+    the prompt rendered with the generation prompt."""
+    fam, tok = family
+    prompt = _msgs([(U, "Which is larger, 3 or 5?")])
+    prompt_ids = tok(tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
+                     add_special_tokens=False)["input_ids"]
+    for answer in ("5 is larger.", "It is 3"):
+        ids, labels = tokenize_conversation(tok, prompt + _msgs([(A, answer)]), train_from=1)
+        assert ids[: len(prompt_ids)] == prompt_ids
+        assert all(lab == IGNORE for lab in labels[: len(prompt_ids)])
+        runs = _runs(ids, labels)
+        assert len(runs) == 1 and _norm(tok.decode(runs[0])) == _norm(answer) + EOT[fam]
+
+
+def test_qwen3_reasoning_and_history(tmp_path):
+    """Qwen3 prints reasoning_content in a think block of the last turn (trained) and drops it from
+    earlier turns; the empty think block it adds to a last turn without reasoning is not trained.
+    With data.multi_turn = split each turn is its own example, rendered as generation renders it."""
+    tok = real_tokenizers.load("qwen3")
+    msgs = [{"role": U, "content": "2+2?"}, {"role": A, "content": "4", "reasoning_content": "Two and two."},
+            {"role": U, "content": "3+3?"}, {"role": A, "content": "6", "reasoning_content": "Three and three."}]
+    ids, labels = tokenize_conversation(tok, msgs)
+    runs = [tok.decode(r) for r in _runs(ids, labels)]
+    assert _norm(runs[0]) == "4<|im_end|>"  # history: as the template prints it, without the reasoning
+    assert _norm(runs[1]) == _norm("Three and three.") + "</think>6<|im_end|>"
+    assert "Two and two" not in tok.decode(ids)
+
+    from fasttune.config import DataConfig
+
+    path = tmp_path / "split.jsonl"
+    path.write_text(json.dumps({"messages": msgs}) + "\n")
+    examples, report = load_sft(path, tok, DataConfig(multi_turn="split"))
+    assert len(examples) == 2
+    first = [tok.decode(r) for r in _runs(examples[0].input_ids, examples[0].labels)]
+    assert _norm(first[0]) == _norm("Two and two.") + "</think>4<|im_end|>"
+
+
+def test_a_record_the_template_refuses_is_skipped_and_counted(tmp_path):
+    tok = real_tokenizers.load("mistral")
+    from fasttune.config import DataConfig
+
+    path = tmp_path / "mixed.jsonl"
+    good = {"messages": _msgs(CONVERSATIONS["single"])}
+    bad = {"messages": _msgs(CONVERSATIONS["system"])}
+    path.write_text("\n".join(json.dumps(r) for r in (good, bad, good)) + "\n")
+    examples, report = load_sft(path, tok, DataConfig())
+    assert len(examples) == 2 and len(report.skipped) == 1
+    assert "mixed.jsonl:2" in report.skipped[0] and "refuses" in report.skipped[0]
+    assert "1 records skipped" in report.summary()

@@ -41,6 +41,7 @@ class ModelConfig:
     bnb_4bit_use_double_quant: bool = doc(True, "quantize the quantization constants too")
     compute_dtype: str = choice("auto", "auto", "bf16", "fp16", "fp32", doc="auto: bf16 where supported, else fp32")
     chat_template: str = doc("", "a Jinja chat template (inline, or a path to a file) replacing the tokenizer's")
+    trust_remote_code: bool = doc(False, "run the model folder's own Python code (models not in transformers)")
 
 
 @dataclass

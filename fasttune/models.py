@@ -22,10 +22,22 @@ def compute_dtype(name: str, dev: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
+def _remote(load, model_cfg):
+    """load(), with a model that needs its own code turned into one line naming the key."""
+    try:
+        return load()
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ConfigError(f"model.path = {model_cfg.path!r} needs its own Python code to load; if you trust it, "
+                          "set model.trust_remote_code = true") from None
+
+
 def load_tokenizer(model_cfg):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(builtin.resolve(model_cfg.path))
+    tok = _remote(lambda: AutoTokenizer.from_pretrained(builtin.resolve(model_cfg.path),
+                                                      trust_remote_code=model_cfg.trust_remote_code), model_cfg)
     if model_cfg.chat_template:
         t = model_cfg.chat_template
         tok.chat_template = Path(t).read_text() if len(t) < 4096 and Path(t).is_file() else t
@@ -42,6 +54,7 @@ def load_model(cfg, dev=None, *, trainable=True):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     import fasttune.kernels
+    from fasttune.kernels.hf import unsupported
 
     dev = dev or device()
     m = cfg.model
@@ -56,7 +69,8 @@ def load_model(cfg, dev=None, *, trainable=True):
         )
         kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = _remote(lambda: transformers.AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=m.trust_remote_code, **kwargs), m)
     except OSError as e:
         raise ConfigError(f"model.path = {m.path!r} could not be loaded: {e}") from None
     if not quantized:
@@ -73,5 +87,12 @@ def load_model(cfg, dev=None, *, trainable=True):
                 r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
                 use_rslora=lora.rslora, task_type="CAUSAL_LM",
             ))
+    why = unsupported(model)
+    if why is not None:
+        if getattr(cfg.data, "packing", False):
+            raise ConfigError(f"model.path = {m.path!r}: {why}, so fasttune's varlen attention cannot keep packed "
+                              "samples apart; set data.packing = false to train it padded")
+        print(f"fasttune: {why}; training it with its own attention and loss (padded batches)", flush=True)
+        return model
     fasttune.kernels.apply(model)
     return model

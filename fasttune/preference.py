@@ -15,7 +15,7 @@ the response's tokens are trained.
 
 from dataclasses import dataclass, field
 
-from .data import IGNORE, SHAREGPT_ROLES, DataError, Example, read_records, tokenize_conversation
+from .data import IGNORE, SHAREGPT_ROLES, DataError, Example, TemplateError, read_records, tokenize_conversation
 
 
 @dataclass
@@ -42,6 +42,7 @@ class PairReport:
     dropped: int = 0
     fully_masked: list = field(default_factory=list)
     lengths: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # why pairs the chat template cannot mask were skipped
 
     def summary(self) -> str:
         L = sorted(self.lengths) or [0]
@@ -49,6 +50,8 @@ class PairReport:
                  f"median {L[len(L) // 2]}, max {L[-1]}"]
         if self.truncated or self.dropped:
             lines.append(f"  over dpo.max_len / max_prompt_len: {self.truncated} truncated, {self.dropped} dropped")
+        if self.skipped:
+            lines.append(f"  {len(self.skipped)} pairs skipped because their masks cannot be built, e.g. {self.skipped[0]}")
         if self.fully_masked:
             lines.append(f"  {len(self.fully_masked)} pairs have a side with no trained token and are skipped, "
                          f"e.g. {self.fully_masked[0]}")
@@ -145,11 +148,12 @@ def load_pairs(path, tokenizer, data_cfg, dpo_cfg) -> tuple[list[PairExample], P
         if detect(rec) != fmt:
             raise DataError(f"{where}: this record is not in {fmt} format (keys: {sorted(rec)})")
         for pair in record_pairs(rec, fmt, where, data_cfg.roles):
-            sides = []
-            for response in (pair.chosen, pair.rejected):
-                conv = pair.prompt + response
-                ids, labels = tokenize_conversation(tokenizer, conv, train_from=len(pair.prompt), where=pair.where)
-                sides.append((ids, labels))
+            try:
+                sides = [tokenize_conversation(tokenizer, pair.prompt + response, train_from=len(pair.prompt),
+                                               where=pair.where) for response in (pair.chosen, pair.rejected)]
+            except TemplateError as e:
+                report.skipped.append(str(e))
+                continue
             first = min(next((i for i, lab in enumerate(lb) if lab != IGNORE), len(lb)) for _, lb in sides)
             over = any(len(ids) > dpo_cfg.max_len for ids, _ in sides) or first > dpo_cfg.max_prompt_len
             if over:
@@ -169,5 +173,6 @@ def load_pairs(path, tokenizer, data_cfg, dpo_cfg) -> tuple[list[PairExample], P
     report.pairs = len(out)
     if not out:
         raise DataError(f"{path}: no usable pair ({len(report.fully_masked)} with an empty side, {report.dropped} "
-                        "dropped as too long)")
+                        f"dropped as too long, {len(report.skipped)} skipped"
+                        + (f": {report.skipped[0]}" if report.skipped else "") + ")")
     return out, report

@@ -89,6 +89,18 @@ class Stream:
         return self.build(group)
 
 
+def lm_loss(model, batch, n_items, dev):
+    """The batch's loss summed over trained tokens / n_items: from the fused head `apply()` installed,
+    or, for a model it could not patch, from the model's logits."""
+    out = model(**batch.model_kwargs(dev), num_items_in_batch=n_items)
+    if out.loss is not None:
+        return out.loss
+    from fasttune.kernels import cross_entropy
+
+    return cross_entropy(out.logits.flatten(0, -2), batch.shift_labels.reshape(-1), reduction="mean",
+                         num_items=n_items)
+
+
 def evaluate(model, examples, cfg, pad_id, dev, autocast) -> float:
     """Mean loss per trained token over `examples`."""
     lengths = [len(e.input_ids) for e in examples]
@@ -99,7 +111,7 @@ def evaluate(model, examples, cfg, pad_id, dev, autocast) -> float:
     total = 0.0
     with torch.no_grad(), autocast():
         for b in batches:
-            total += float(model(**b.model_kwargs(dev), num_items_in_batch=n).loss)
+            total += float(lm_loss(model, b, n, dev))
     model.train()
     return total
 
@@ -162,7 +174,7 @@ class SFTTask:
         return batch.trained
 
     def loss(self, model, batch, n_items, dev):
-        return model(**batch.model_kwargs(dev), num_items_in_batch=n_items).loss, {}
+        return lm_loss(model, batch, n_items, dev), {}
 
     def evaluate(self, model, dev, autocast):
         return evaluate(model, self.eval_examples, self.cfg, self.tok.pad_token_id, dev, autocast) if self.eval_examples else None

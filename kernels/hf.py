@@ -26,7 +26,6 @@ from .attention import varlen_attention
 from .cross_entropy import fused_linear_cross_entropy
 
 NAME = "fasttune"
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 _registered = False
 
 
@@ -141,18 +140,56 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     num_items = kwargs.pop("num_items_in_batch", None)
-    out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    cfg = self.config
+    router = kwargs.pop("output_router_logits", getattr(cfg, "output_router_logits", False))
+    if router:
+        kwargs["output_router_logits"] = True
+    out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
     hidden = out.last_hidden_state
-    head = self.lm_head
+    head = self.get_output_embeddings()
+    # Logit scaling is linear, so it is applied to the hidden states: Cohere multiplies the logits by
+    # logit_scale, Granite divides them by logits_scaling. A final softcap (Gemma 2) comes after.
+    scale = getattr(cfg, "logit_scale", None) or 1.0
+    if getattr(cfg, "logits_scaling", None):
+        scale = scale / cfg.logits_scaling
+    if scale != 1.0:
+        hidden = hidden * scale
     if shift_labels is None:  # as transformers' ForCausalLMLoss: token t predicts label t + 1
         shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
     loss = fused_linear_cross_entropy(
         hidden.to(head.weight.dtype), head.weight, shift_labels, bias=head.bias,  # host labels: no sync
-        num_items=num_items, softcap=getattr(self.config, "final_logit_softcapping", None),
+        num_items=num_items, softcap=getattr(cfg, "final_logit_softcapping", None),
     )
-    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
-                                  hidden_states=out.hidden_states, attentions=out.attentions)
+    aux = None
+    if router and getattr(out, "router_logits", None) is not None:  # MoE load balancing, as the model adds it
+        import sys
+
+        balance = getattr(sys.modules[type(self).__module__], "load_balancing_loss_func")
+        aux = balance(out.router_logits, self.num_experts, self.num_experts_per_tok, attention_mask)
+        loss = loss + self.router_aux_loss_coef * aux.to(loss.device)
+    fields = dict(loss=loss, logits=None, past_key_values=out.past_key_values, hidden_states=out.hidden_states,
+                  attentions=out.attentions)
+    if aux is not None:
+        from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+        return MoeCausalLMOutputWithPast(aux_loss=aux, **fields)
+    return CausalLMOutputWithPast(**fields)
+
+
+def unsupported(model) -> str | None:
+    """Why `apply` cannot handle this model, or None. It handles a causal LM whose attention goes
+    through transformers' attention interface and whose head is a plain Linear over a base model."""
+    lm = _causal_lm(model)
+    cfg = getattr(lm, "config", None)
+    name = type(lm).__name__
+    if cfg is None or getattr(cfg, "is_encoder_decoder", False):
+        return f"{name} is not a decoder-only causal LM"
+    if not getattr(type(lm), "_supports_attention_backend", False):
+        return f"{name} does not route its attention through transformers' attention interface"
+    if getattr(lm, "base_model", lm) is lm:
+        return f"{name} has no base model under its head"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,14 +208,15 @@ def _causal_lm(model):
 def apply(model, *, attention: bool = True, loss: bool = True):
     """Make a transformers causal LM (or a PEFT model around one) use fasttune's kernels.
 
-    Llama, Mistral, Qwen2, Qwen3 and Gemma 2 are supported; any other model gets a warning and
-    is returned unchanged. Returns `model`. Undo with `revert(model)`, or scope with `applied`.
+    Any causal LM whose attention goes through transformers' attention interface (Llama, Mistral,
+    Qwen2/2.5/3, Qwen3-MoE, Gemma 2/3, Phi-3, Cohere, Granite, ...); another model gets one warning
+    and is returned unchanged (see `unsupported`). Returns `model`. Undo with `revert(model)`, or
+    scope with `applied`.
     """
     lm = _causal_lm(model)
-    model_type = getattr(getattr(lm, "config", None), "model_type", None)
-    if model_type not in SUPPORTED:
-        warnings.warn(f"fasttune.kernels.apply: model type {model_type!r} is not supported "
-                      f"(supported: {', '.join(SUPPORTED)}); the model is left as it was", stacklevel=2)
+    why = unsupported(model)
+    if why is not None:
+        warnings.warn(f"fasttune.kernels.apply: not supported: {why}; the model is left as it was", stacklevel=2)
         return model
     if getattr(lm, "_fasttune_state", None) is not None:
         return model
@@ -187,7 +225,7 @@ def apply(model, *, attention: bool = True, loss: bool = True):
         _register()
         lm.set_attn_implementation(NAME)
     if loss:
-        head = getattr(lm, "lm_head", None)
+        head = lm.get_output_embeddings()
         if type(head) is torch.nn.Linear:
             lm._fasttune_forward = lm.forward
             lm.forward = types.MethodType(_causal_lm_forward, lm)

@@ -22,7 +22,13 @@ How it runs (Triton):
 - Backward: delta = rowsum(dO ∘ O); then one program per (sample, key block, kv head) sums dK
   and dV over the query blocks and over every q head of its group (deterministic, no atomics),
   and one program per (sample, query block, q head) forms dQ.
-The PyTorch path (CPU) runs each sample through scaled_dot_product_attention.
+- Only tiles that cross a sample's end, the causal diagonal or the window's edge build the mask.
+  Causality, window, softcap and the GQA ratio are runtime arguments, so one build serves them all;
+  the constexprs are the head dim and the tile. Tiles come from the launch table `TILES` (autotuned
+  on a GPU), and every entry is compiled for sm_80/sm_90 in the tests (kernels/_aot.py).
+The PyTorch path (CPU) runs each sample through scaled_dot_product_attention, with an explicit
+backward. Both paths sit behind the custom ops fasttune::varlen_attention(_backward), so
+torch.compile traces through them.
 """
 
 import math

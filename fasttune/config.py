@@ -55,9 +55,12 @@ class LoraSection:
 
 @dataclass
 class DataConfig:
-    train: str = doc("", "JSON or JSONL file of examples")
+    train: str = doc("", "JSON/JSONL, Parquet, CSV or Arrow file, datasets folder, or hub id (org/name) of examples")
     eval: str = doc("", "optional held-out file, same format")
     format: str = choice("auto", "auto", "alpaca", "sharegpt", "messages")
+    columns: dict = doc({}, 'map the format\'s field names onto your columns, e.g. {instruction = "question", output = "answer"}')
+    split: str = doc("train", "split of a hub dataset or a datasets folder")
+    subset: str = doc("", "subset (configuration) of a hub dataset")
     roles: dict = doc({}, 'map other role names onto system/user/assistant, e.g. {narrator = "assistant"}')
     trainable_roles: list = doc([], "extra role names whose turns are trained")
     max_seq_len: int = doc(1024, "tokens per example")
@@ -108,9 +111,12 @@ from fasttune.kernels.dpo import LOSS_TYPES as DPO_LOSS_TYPES  # noqa: E402 - li
 
 @dataclass
 class PrefDataConfig:
-    train: str = doc("", "JSON or JSONL file of preference pairs")
+    train: str = doc("", "JSON/JSONL, Parquet, CSV or Arrow file, datasets folder, or hub id of preference pairs")
     eval: str = doc("", "optional held-out pairs, same format")
     format: str = choice("auto", "auto", "prompt_chosen_rejected", "sharegpt", "openai")
+    columns: dict = doc({}, 'map the format\'s field names onto your columns, e.g. {instruction = "question", output = "answer"}')
+    split: str = doc("train", "split of a hub dataset or a datasets folder")
+    subset: str = doc("", "subset (configuration) of a hub dataset")
     roles: dict = doc({}, "map other role names onto system/user/assistant")
     overlong: str = choice("truncate", "error", "drop", "truncate",
                            doc="pairs over dpo.max_len or dpo.max_prompt_len (always counted)")
@@ -144,7 +150,11 @@ from fasttune.kernels.grpo import LOSS_TYPES as GRPO_LOSS_TYPES  # noqa: E402 - 
 
 @dataclass
 class PromptDataConfig:
-    train: str = doc("", 'JSON or JSONL file of prompts ("prompt": a string or messages) and answer columns')
+    train: str = doc("", 'prompts ("prompt": a string or messages) and answer columns: JSON/JSONL, Parquet, CSV, '
+                         "Arrow, datasets folder or hub id")
+    columns: dict = doc({}, 'map the format\'s field names onto your columns, e.g. {instruction = "question", output = "answer"}')
+    split: str = doc("train", "split of a hub dataset or a datasets folder")
+    subset: str = doc("", "subset (configuration) of a hub dataset")
     roles: dict = doc({}, "map other role names onto system/user/assistant")
 
 

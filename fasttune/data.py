@@ -316,7 +316,9 @@ class DataReport:
 
 
 def load_sft(path, tokenizer, data_cfg) -> tuple[list[Example], DataReport]:
-    records = read_records(path)
+    from .sources import read_data
+
+    records = read_data(path, data_cfg)
     fmt = data_cfg.format
     if fmt == "auto":
         fmt = detect_format(records[0][1])

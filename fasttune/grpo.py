@@ -20,7 +20,8 @@ import torch
 from fasttune.kernels import grpo_loss, linear_logprobs
 
 from .config import ConfigError
-from .data import DataError, read_records
+from .data import DataError
+from .sources import read_data
 from .dpo import _inner
 from .rewards import call_reward, load_reward
 
@@ -71,7 +72,7 @@ class GRPOTask:
 
     def _load_prompts(self, path):
         out = []
-        for where, rec in read_records(path):
+        for where, rec in read_data(path, self.cfg.data):
             if "prompt" in rec:
                 p = rec["prompt"]
                 msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p
@@ -85,7 +86,9 @@ class GRPOTask:
             text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             ids = self.tok(text, add_special_tokens=False)["input_ids"][-self.g.max_prompt_len:]
             columns = {k: v for k, v in rec.items() if k not in ("prompt", "messages")}
-            out.append({"ids": ids, "text": text, "columns": columns, "where": where})
+            conversational = not isinstance(rec.get("prompt"), str)  # messages, as TRL calls such prompts
+            out.append({"ids": ids, "text": text, "messages": msgs, "conversational": conversational,
+                        "columns": columns, "where": where})
         if not out:
             raise DataError(f"{path}: no prompts")
         keys = set(out[0]["columns"])
@@ -98,14 +101,21 @@ class GRPOTask:
     def _check_rewards(self):
         """Call every reward function on a few prompts (with a placeholder completion) before training."""
         sample = self.prompts[:2]
-        prompts = [p["text"] for p in sample]
         columns = {k: [p["columns"][k] for p in sample] for k in sample[0]["columns"]}
-        for spec, fn in self.funcs:
-            call_reward(fn, spec, prompts, ["Answer: 0"] * len(sample), columns)
+        self.rewards(sample, ["Answer: 0"] * len(sample), columns, [[0]] * len(sample))
 
-    def rewards(self, prompt_texts, completions, columns):
-        """[n, len(funcs)] raw rewards and [n] weighted total."""
-        per = [call_reward(fn, spec, prompt_texts, completions, columns) for spec, fn in self.funcs]
+    def rewards(self, prompts, completions, columns, completion_ids):
+        """[n, len(funcs)] raw rewards and [n] weighted total. The functions are called as TRL's
+        GRPOTrainer calls them: prompts and completions as message lists when the prompts are
+        conversational (completions as [{"role": "assistant", "content": ...}]), else as text, the other
+        columns and `completion_ids` as keyword arguments."""
+        if prompts[0]["conversational"]:
+            prompts_in = [p["messages"] for p in prompts]
+            completions_in = [[{"role": "assistant", "content": c}] for c in completions]
+        else:
+            prompts_in, completions_in = [p["text"] for p in prompts], completions
+        columns = {**columns, "completion_ids": completion_ids}
+        per = [call_reward(fn, spec, prompts_in, completions_in, columns) for spec, fn in self.funcs]
         raw = torch.tensor(per, dtype=torch.float32).T
         return raw, raw @ torch.tensor(self.weights, dtype=torch.float32)
 
@@ -161,9 +171,9 @@ class GRPOTask:
         gen_time = time.perf_counter() - t0
 
         texts = [tok.decode(c[: int(first_eos[i])].tolist(), skip_special_tokens=True) for i, c in enumerate(comp)]
-        prompt_texts = [p["text"] for p in prompts for _ in range(G)]
         columns = {k: [p["columns"][k] for p in prompts for _ in range(G)] for k in prompts[0]["columns"]}
-        raw, total = self.rewards(prompt_texts, texts, columns)
+        ids_out = [c[: int(first_eos[i])].tolist() for i, c in enumerate(comp)]
+        raw, total = self.rewards([p for p in prompts for _ in range(G)], texts, columns, ids_out)
         adv = self.advantages(total)
 
         full = torch.cat([ids, comp], 1)

@@ -15,7 +15,8 @@ the response's tokens are trained.
 
 from dataclasses import dataclass, field
 
-from .data import IGNORE, SHAREGPT_ROLES, DataError, Example, TemplateError, read_records, tokenize_conversation
+from .data import IGNORE, SHAREGPT_ROLES, DataError, Example, TemplateError, tokenize_conversation
+from .sources import read_data
 
 
 @dataclass
@@ -136,7 +137,7 @@ def _fit(ids, labels, max_prompt_len, max_len):
 
 
 def load_pairs(path, tokenizer, data_cfg, dpo_cfg) -> tuple[list[PairExample], PairReport]:
-    records = read_records(path)
+    records = read_data(path, data_cfg)
     fmt = data_cfg.format if data_cfg.format != "auto" else detect(records[0][1])
     if fmt is None:
         raise DataError(f"{records[0][0]}: not a preference record (keys: {sorted(records[0][1])}); expected "

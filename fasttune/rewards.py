@@ -1,7 +1,9 @@
 """Reward functions for GRPO: built-in verifiable rewards, and loading the user's own.
 
-A reward function is called as `fn(prompts=[...], completions=[...], **columns)` (each column a
-list aligned with the completions, e.g. `answer`) and returns one float per completion.
+A reward function is called as TRL's GRPOTrainer calls it, `fn(prompts=[...], completions=[...],
+completion_ids=[...], **columns)` (each column a list aligned with the completions, e.g. `answer`),
+and returns one float per completion. Prompts given as messages are conversational: prompts are
+then message lists and completions [{"role": "assistant", "content": ...}], as in TRL.
 Built-in:
 - math_answer: 1.0 when the completion's final answer (the content of the last \\boxed{...}, else
   its last number) equals the `answer` column numerically, else 0.0;
@@ -41,9 +43,14 @@ def final_answer(completion: str):
     return _number(nums[-1]) if nums else None
 
 
+def _text(completion):
+    """A completion as text: TRL passes conversational ones as [{"role": "assistant", "content": ...}]."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
 def math_answer(prompts, completions, answer, **_):
     out = []
-    for c, a in zip(completions, answer):
+    for c, a in zip(map(_text, completions), answer):
         got, want = final_answer(c), _number(str(a))
         out.append(1.0 if got is not None and want is not None and math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9)
                    else 0.0)
@@ -52,11 +59,11 @@ def math_answer(prompts, completions, answer, **_):
 
 def format_reward(prompts, completions, **_):
     layout = re.compile(rf"(Answer:\s*{NUMBER}|\\boxed\{{{NUMBER}\}})\s*$")
-    return [1.0 if layout.search(c.strip()) else 0.0 for c in completions]
+    return [1.0 if layout.search(_text(c).strip()) else 0.0 for c in completions]
 
 
 def digit_ratio(prompts, completions, **_):
-    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in map(_text, completions)]
 
 
 BUILTIN = {"math_answer": math_answer, "format": format_reward, "digit_ratio": digit_ratio}
@@ -97,7 +104,7 @@ def call_reward(fn, name, prompts, completions, columns):
         out = fn(prompts=prompts, completions=completions, **columns)
     except Exception as e:  # noqa: BLE001 - the user's code: report it, with the example
         raise TrainingError(f"reward function {name} raised {type(e).__name__}: {e} (on the completion "
-                            f"{completions[0][:80]!r} of the prompt {prompts[0][-80:]!r})") from e
+                            f"{_text(completions[0])[:80]!r} of the prompt {str(prompts[0])[-80:]!r})") from e
     out = list(out) if out is not None else []
     if len(out) != len(completions):
         raise TrainingError(f"reward function {name} returned {len(out)} values for {len(completions)} completions")
@@ -107,8 +114,8 @@ def call_reward(fn, name, prompts, completions, columns):
             v = float(v)
         except (TypeError, ValueError):
             raise TrainingError(f"reward function {name} returned {v!r} (not a number) for the completion "
-                                f"{completions[i][:80]!r}") from None
+                                f"{_text(completions[i])[:80]!r}") from None
         if not math.isfinite(v):
-            raise TrainingError(f"reward function {name} returned {v} for the completion {completions[i][:80]!r}")
+            raise TrainingError(f"reward function {name} returned {v} for the completion {_text(completions[i])[:80]!r}")
         vals.append(v)
     return vals

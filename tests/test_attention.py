@@ -182,3 +182,25 @@ def test_default_tiles_and_autotune_off_gpu():
             attn_mod._entries("fwd", torch.bfloat16, 320)
     finally:
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skipped_samples_cost_nothing_and_read_zero(backend):
+    """sample_mask False (padding): no blocks in the schedule, zero outputs and gradients; the other
+    samples are untouched."""
+    lens, keep = [9, 5, 20, 3], torch.tensor([True, False, True, False])
+    T = sum(lens)
+    q, k, v = (torch.randn(T, h, 16, requires_grad=True) for h in (4, 2, 2))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    o = varlen_attention(q, k, v, cu, sample_mask=keep, backend=backend)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    ref = varlen_attention(q, k, v, cu, backend=backend)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    pad = torch.zeros(T, dtype=torch.bool)
+    pad[9:14] = pad[34:] = True
+    assert torch.equal(o[pad], torch.zeros_like(o[pad])) and torch.allclose(o[~pad], ref[~pad], atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g[pad], torch.zeros_like(g[pad])) and torch.allclose(g[~pad], r[~pad], atol=1e-5)
+    cu_blocks, _, _ = attn_mod._schedule(cu, 16, keep.int())
+    assert cu_blocks.tolist() == [0, 1, 1, 3, 3]  # 9 tokens: 1 block; 20 tokens: 2 blocks; padding: none

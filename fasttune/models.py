@@ -22,22 +22,25 @@ def compute_dtype(name: str, dev: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def _remote(load, model_cfg):
-    """load(), with a model that needs its own code turned into one line naming the key."""
+def _remote(load, model_cfg, what):
+    """load(), with a model that needs its own code, or a folder that cannot be read, turned into one
+    line naming the key."""
     try:
         return load()
-    except ValueError as e:
-        if "trust_remote_code" not in str(e):
-            raise
-        raise ConfigError(f"model.path = {model_cfg.path!r} needs its own Python code to load; if you trust it, "
-                          "set model.trust_remote_code = true") from None
+    except (ValueError, OSError, KeyError) as e:
+        if "trust_remote_code" in str(e):
+            raise ConfigError(f"model.path = {model_cfg.path!r} needs its own Python code to load; if you trust it, "
+                              "set model.trust_remote_code = true") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ConfigError(f"model.path = {model_cfg.path!r}: cannot load its {what}: {first}") from None
 
 
 def load_tokenizer(model_cfg):
     from transformers import AutoTokenizer
 
     tok = _remote(lambda: AutoTokenizer.from_pretrained(builtin.resolve(model_cfg.path),
-                                                      trust_remote_code=model_cfg.trust_remote_code), model_cfg)
+                                                      trust_remote_code=model_cfg.trust_remote_code),
+                  model_cfg, "tokenizer")
     if model_cfg.chat_template:
         t = model_cfg.chat_template
         tok.chat_template = Path(t).read_text() if len(t) < 4096 and Path(t).is_file() else t
@@ -70,7 +73,7 @@ def load_model(cfg, dev=None, *, trainable=True):
         kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
     try:
         model = _remote(lambda: transformers.AutoModelForCausalLM.from_pretrained(
-            path, trust_remote_code=m.trust_remote_code, **kwargs), m)
+            path, trust_remote_code=m.trust_remote_code, **kwargs), m, "model")
     except OSError as e:
         raise ConfigError(f"model.path = {m.path!r} could not be loaded: {e}") from None
     if not quantized:

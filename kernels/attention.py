@@ -486,8 +486,13 @@ def _attention_backward_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                         scale: float, softcap: float,
                         window: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "torch":
-        return _attention_torch_backward(do, q, k, v, cu_seqlens, keep, causal, scale, softcap or None,
-                                         None if window == NO_WINDOW else window)
+        args = (cu_seqlens, keep, causal, scale, softcap or None, None if window == NO_WINDOW else window)
+        with torch.enable_grad():  # eager: autograd through SDPA, the fastest backward on the CPU
+            qkv = [x.detach().requires_grad_() for x in (q, k, v)]
+            out = _attention_torch(*qkv, *args)
+        if out.requires_grad:
+            return torch.autograd.grad(out, qkv, do)
+        return _attention_torch_backward(do, q, k, v, *args)  # inside a compiled graph autograd cannot run
     do = do if do.stride(-1) == 1 else do.contiguous()
     return _backward(do, q, k, v, o, lse, cu_seqlens, keep, scale, softcap, window, int(causal))
 

@@ -69,3 +69,35 @@ def test_dpo(folder, tmp_path):
 def test_grpo(folder, tmp_path):
     _run("grpo", folder, tmp_path, "grpo_arithmetic.jsonl",
          ["grpo.num_generations=2", "grpo.max_completion_len=6", "grpo.num_iterations=1"])
+
+
+def test_a_model_apply_cannot_handle(tmp_path):
+    """Bloom computes attention outside transformers' interface: packing is refused with one line
+    naming the key; padded, it trains on its own attention and loss."""
+    tok = real_tokenizers.load("llama3")
+    cfg = transformers.BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    path = tmp_path / "bloom"
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    folder = ("bloom", path)
+    with pytest.raises(AssertionError, match="exited 2"):
+        _run("sft", folder, tmp_path / "packed", "sft_alpaca.jsonl", ['data.eval=""'])
+    _run("sft", folder, tmp_path, "sft_alpaca.jsonl", ['data.eval=""', "data.packing=false", "train.micro_batch_size=2"])
+
+
+def test_remote_code_needs_the_key(tmp_path, capsys):
+    path = tmp_path / "custom"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "my_custom_lm", "auto_map": {
+        "AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomLM"}}))
+    (path / "configuration_custom.py").write_text("raise RuntimeError('custom code ran')\n")
+    real_tokenizers.load("llama3").save_pretrained(path)
+    code = main(["sft", str(ROOT / "examples" / "sft.toml"), "--set", f"model.path={json.dumps(str(path))}",
+                 "--set", f"run.output_dir={json.dumps(str(tmp_path / 'run'))}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.trust_remote_code" in err and "custom code ran" not in err, err
+    (path / "tokenizer.json").unlink()
+    (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    code = main(["sft", str(ROOT / "examples" / "sft.toml"), "--set", f"model.path={json.dumps(str(path))}"])
+    assert code == 2 and "cannot load its tokenizer" in capsys.readouterr().err

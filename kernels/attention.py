@@ -26,9 +26,9 @@ How it runs (Triton):
   Causality, window, softcap and the GQA ratio are runtime arguments, so one build serves them all;
   the constexprs are the head dim and the tile. Tiles come from the launch table `TILES` (autotuned
   on a GPU), and every entry is compiled for sm_80/sm_90 in the tests (kernels/_aot.py).
-The PyTorch path (CPU) runs each sample through scaled_dot_product_attention, with an explicit
-backward. Both paths sit behind the custom ops fasttune::varlen_attention(_backward), so
-torch.compile traces through them.
+The PyTorch path (CPU) runs each sample through scaled_dot_product_attention; in eager code autograd
+differentiates it, and inside torch.compile it runs as the custom ops fasttune::varlen_attention(_backward)
+with an explicit backward, as the Triton path always does.
 """
 
 import math
@@ -485,14 +485,9 @@ def _attention_backward_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                         lse: torch.Tensor, cu_seqlens: torch.Tensor, keep: torch.Tensor | None, causal: bool,
                         scale: float, softcap: float,
                         window: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "torch":
-        args = (cu_seqlens, keep, causal, scale, softcap or None, None if window == NO_WINDOW else window)
-        with torch.enable_grad():  # eager: autograd through SDPA, the fastest backward on the CPU
-            qkv = [x.detach().requires_grad_() for x in (q, k, v)]
-            out = _attention_torch(*qkv, *args)
-        if out.requires_grad:
-            return torch.autograd.grad(out, qkv, do)
-        return _attention_torch_backward(do, q, k, v, *args)  # inside a compiled graph autograd cannot run
+    if backend == "torch":  # inside a compiled graph: autograd cannot run in an op, hence the explicit one
+        return _attention_torch_backward(do, q, k, v, cu_seqlens, keep, causal, scale, softcap or None,
+                                         None if window == NO_WINDOW else window)
     do = do if do.stride(-1) == 1 else do.contiguous()
     return _backward(do, q, k, v, o, lse, cu_seqlens, keep, scale, softcap, window, int(causal))
 
@@ -672,5 +667,8 @@ def varlen_attention(
     keep = None if sample_mask is None else sample_mask.to(device=q.device, dtype=torch.int32)
     if keep is not None and keep.shape != (cu.numel() - 1,):
         raise ValueError(f"sample_mask must be [B] = [{cu.numel() - 1}] (one flag per sample), got {tuple(keep.shape)}")
+    if be == "torch" and not torch.compiler.is_compiling():  # eager CPU path: autograd through SDPA
+        return _attention_torch(q, k, v, cu, keep, bool(causal), float(scale), softcap,
+                                None if window is None else int(window))
     return _attention(q, k, v, cu, keep, bool(causal), float(scale), float(softcap or 0.0),
                       NO_WINDOW if window is None else int(window), be)[0]

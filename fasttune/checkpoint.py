@@ -2,8 +2,11 @@
 
     output_dir/checkpoints/step-000050/
         adapter_model.safetensors, adapter_config.json   (PEFT; a full fine-tune saves the model)
-        trainer_state.pt   optimizer, scheduler, RNG states, data position, the run's fingerprint
+        trainer_state.pt   optimizer (keyed by parameter name), scheduler, each rank's RNG state,
+                           data position, the run's fingerprint
 
+Under several processes rank 0 writes, after FSDP2's shards are gathered: a checkpoint is whole
+and loads on any world size.
 A kill at any moment leaves the last complete checkpoint intact (and, at worst, a `.tmp-*` folder
 that the next save removes). `fingerprint` records what a run trains (model, adapter settings,
 data files and their contents, batching, seed); resuming with a different one is refused.
@@ -35,8 +38,10 @@ def _file_hash(path) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint(cfg) -> dict:
-    """The settings that define what a run trains; learning-rate or logging changes are allowed."""
+def fingerprint(cfg, world: int = 1) -> dict:
+    """The settings that define what a run trains; learning-rate or logging changes are allowed. The
+    batching is the global one: a resume on another world size with the same micro-batches per step
+    (train.grad_accum × processes) continues exactly."""
     from dataclasses import asdict
 
     d = asdict(cfg)
@@ -44,7 +49,8 @@ def fingerprint(cfg) -> dict:
         "model": {k: d["model"][k] for k in ("path", "adapter", "finetune", "load_in_4bit", "bnb_4bit_quant_type")},
         "lora": d.get("lora"),
         "data": {**d["data"], "train_sha": _file_hash(cfg.data.train), "eval": None},
-        "batching": {k: d["train"][k] for k in ("micro_batch_size", "grad_accum", "seed")},
+        "batching": {"micro_batch_size": cfg.train.micro_batch_size, "seed": cfg.train.seed,
+                     "micro-batches per step (train.grad_accum × processes)": cfg.train.grad_accum * world},
     }
     for extra in ("dpo", "grpo"):
         if extra in d:
@@ -70,26 +76,53 @@ def checkpoints(run_dir) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / STATE).is_file())
 
 
-def save(run_dir, step, model, optimizer, scheduler, position, fp, keep):
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    model.save_pretrained(tmp)
-    state = {
-        "step": step, "position": position, "fingerprint": fp,
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-    }
-    torch.save(state, tmp / STATE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def _rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _by_name(model, optimizer, sd):
+    """An optimizer state dict keyed by parameter name instead of position, so that it loads on any
+    world size and under FSDP2 (whose full optimizer state is keyed so)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    return {"state": {order[i]: v for i, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]}
+
+
+def _by_position(model, optimizer, sd):
+    names = {id(p): n for n, p in model.named_parameters()}
+    index = {names[id(p)]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    return {"state": {index[n]: v for n, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]}
+
+
+def save(run_dir, step, model, optimizer, scheduler, position, fp, keep, dist=None):
+    """Every rank calls this (under FSDP2 the full state is gathered); rank 0 writes."""
+    from .distributed import Dist
+
+    dist = dist or Dist()
+    model_sd, optim_sd = dist.full_state(model, optimizer)
+    if dist.mode != "fsdp":
+        optim_sd = _by_name(model, optimizer, optim_sd)
+    rngs = dist.gather_objects(_rng_state())
+    final = Path(run_dir) / "checkpoints" / f"step-{step:06d}"
+    if dist.main:
+        root = final.parent
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+        model.save_pretrained(tmp, **({"state_dict": model_sd} if model_sd is not None else {}))
+        state = {"step": step, "position": position, "fingerprint": fp, "optimizer": optim_sd,
+                 "scheduler": scheduler.state_dict(), "rng": rngs}
+        torch.save(state, tmp / STATE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()  # nobody goes on (or reads it) before it is complete
     return final
 
 
@@ -106,10 +139,14 @@ def find(run_dir, resume: str) -> Path | None:
     return path
 
 
-def load(path, model, optimizer, scheduler, fp) -> dict:
-    """Restore a checkpoint into the model (adapter or full weights), optimizer and scheduler."""
+def load(path, model, optimizer, scheduler, fp, dist=None) -> dict:
+    """Restore a checkpoint into the model (adapter or full weights), optimizer and scheduler; every
+    rank reads it. RNG states come back per rank when the world size is the one that saved them."""
     from safetensors.torch import load_file
 
+    from .distributed import Dist
+
+    dist = dist or Dist()
     state = torch.load(Path(path) / STATE, weights_only=False)
     changed = _diff(state["fingerprint"], fp)
     if changed:
@@ -117,6 +154,7 @@ def load(path, model, optimizer, scheduler, fp) -> dict:
                           + "; ".join(changed) + "). Restore those settings, use a new run.output_dir, or set "
                           "run.resume = \"never\" to start over")
     adapter = Path(path) / "adapter_model.safetensors"
+    weights = None
     if adapter.is_file():
         from peft import set_peft_model_state_dict
 
@@ -125,11 +163,18 @@ def load(path, model, optimizer, scheduler, fp) -> dict:
         weights = {}
         for f in sorted(Path(path).glob("*.safetensors")):
             weights.update(load_file(f))
-        model.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if dist.mode == "fsdp":
+        dist.load_full_state(model, optimizer, weights, state["optimizer"])
+    else:
+        if weights is not None:
+            model.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(_by_position(model, optimizer, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+    if len(rngs) == dist.world:
+        rng = rngs[dist.rank]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     return state

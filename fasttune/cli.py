@@ -4,6 +4,8 @@
     fasttune dpo CONFIG.toml [--set ...]                     preference training (DPO)
     fasttune grpo CONFIG.toml [--set ...]                    online RL with reward functions (GRPO)
     fasttune check CONFIG.toml [--set ...]                   validate config and data, train nothing
+    fasttune sft CONFIG.toml --nproc N                       the same on N processes (GPUs) under torchrun
+    torchrun --nproc_per_node N -m fasttune sft CONFIG.toml  the same, torchrun's way (and --nnodes)
     fasttune merge RUN_DIR --out DIR [--dtype bf16]          merge the adapter into the base model
     fasttune env                                             versions, device, kernel backend
 
@@ -11,7 +13,9 @@ Mistakes in the config or the data print one clear line (file, line, key or exam
 """
 
 import argparse
+import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,6 +40,18 @@ def _env(args) -> int:
     print(f"device       {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}")
     print(f"backend      {pick_backend(None, dev)}")
     return 0
+
+
+def _launch(args) -> int:
+    """`--nproc N`: this command again, on N processes of this machine under torchrun. The config is
+    checked here first, so a mistake is one line, not one per process."""
+    from fasttune.config import load_config
+
+    load_config(args.config, args.set)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+            "-m", "fasttune", args.command, args.config, *[x for s in args.set for x in ("--set", s)]]
+    # PYTHONSAFEPATH: a `kernels` folder in the working directory must not shadow Hugging Face's package
+    return subprocess.call(argv, env={**os.environ, "PYTHONSAFEPATH": "1"})
 
 
 def _sft(args) -> int:
@@ -171,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("config", help="the run's TOML config")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config key (repeatable), e.g. --set train.max_steps=10")
+        if name != "check":
+            p.add_argument("--nproc", type=int, default=0, metavar="N",
+                           help="train on N processes (one per GPU) under torchrun; train.grad_accum is per process")
         p.set_defaults(func=fn)
     p = sub.add_parser("merge", help="merge a run's LoRA adapter into its base model",
                        description="merge a run's LoRA adapter (its last checkpoint, or the one given) into the base "
@@ -189,10 +208,18 @@ def main(argv: list[str] | None = None) -> int:
     from fasttune.data import DataError
     from fasttune.train import TrainingError
 
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
+        if getattr(args, "nproc", 0) > 0:
+            return _launch(args)
         return args.func(args)
     except (ConfigError, DataError, ResumeError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # under torchrun a config error or a resume refusal is the same on every rank: rank 0 says it.
+        # Others (bad data, a reward function failing on one rank's example) are said by the rank that met them
+        if world == 1:
+            print(f"error: {e}", file=sys.stderr)
+        elif rank == 0 or not isinstance(e, (ConfigError, ResumeError)):
+            print(f"error (rank {rank} of {world}): {e}", file=sys.stderr)
         return 2
 
 

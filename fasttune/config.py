@@ -85,6 +85,8 @@ class TrainConfig:
     weight_decay: float = doc(0.0, "decoupled weight decay")
     max_grad_norm: float = doc(1.0, "clip the global grad norm; 0: off")
     seed: int = doc(42, "seed of weights init (builtin), data order and dropout")
+    parallel: str = choice("auto", "auto", "ddp", "fsdp", doc="under torchrun: DDP (each rank a whole model) or "
+                           "FSDP2 (sharded); auto: DDP for (Q)LoRA, FSDP2 for full fine-tuning")
 
 
 @dataclass

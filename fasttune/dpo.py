@@ -35,7 +35,7 @@ def _inner(model):
 class DPOTask:
     name = "dpo"
 
-    def __init__(self, cfg, tok, log):
+    def __init__(self, cfg, tok, log, dist=None):
         self.cfg, self.tok, self.d = cfg, tok, cfg.dpo
         if not cfg.data.train:
             raise ConfigError("data.train is empty: set it to a JSON or JSONL file of preference pairs")
@@ -106,16 +106,20 @@ class DPOTask:
         with torch.no_grad(), self.reference(model):
             return self.sequence_logps(model, batch, dev)
 
-    def setup(self, model, dev, run_dir):
+    def setup(self, model, dev, run_dir, dist=None):
         if self.cfg.model.adapter and self.cfg.model.finetune == "lora":
             model.load_adapter(self.cfg.model.adapter, adapter_name="reference", is_trainable=False)
             model.set_adapter("default")
         if self.d.reference == "precompute":
             for split, pairs in (("train", self.pairs), ("eval", self.eval_pairs)):
                 if pairs:
-                    self.ref[split] = self._precompute(model, pairs, dev, Path(run_dir), split)
+                    self.ref[split] = self._precompute(model, pairs, dev, Path(run_dir), split, dist)
 
-    def _precompute(self, model, pairs, dev, run_dir, split):
+    def _precompute(self, model, pairs, dev, run_dir, split, dist=None):
+        """Each pair's reference log-probs, once: sharded over the ranks, summed back together, cached."""
+        from .distributed import Dist
+
+        dist = dist or Dist()
         c = self.cfg
         # what the reference log-probs depend on: the data, the reference model, and how they are summed
         key = json.dumps([_file_hash(getattr(c.data, split)), c.model.path, c.model.adapter, c.model.load_in_4bit,
@@ -124,17 +128,20 @@ class DPOTask:
         path = run_dir / f"reference_logps-{split}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
         if path.is_file():
             return torch.load(path)
-        out = torch.empty(len(pairs), 2)
+        out = torch.zeros(len(pairs), 2, dtype=torch.float64)
+        chunks = [list(range(s, min(s + 8, len(pairs)))) for s in range(0, len(pairs), 8)]
         model.eval()
         with torch.no_grad(), self.reference(model):
-            for s in range(0, len(pairs), 8):
-                group = list(range(s, min(s + 8, len(pairs))))
-                lp = self.sequence_logps(model, self.batch(pairs, group), dev).float().cpu()
+            for group in chunks[dist.rank :: dist.world]:  # this rank's share (before any sharding of the model)
+                lp = self.sequence_logps(model, self.batch(pairs, group), dev).double().cpu()
                 out[group, 0], out[group, 1] = lp[: len(group)], lp[len(group):]
         model.train()
-        tmp = path.with_suffix(".tmp")
-        torch.save(out, tmp)
-        tmp.replace(path)
+        out = dist.sum(out).float()  # every pair was computed by exactly one rank
+        if dist.main:
+            tmp = path.with_suffix(".tmp")
+            torch.save(out, tmp)
+            tmp.replace(path)
+        dist.barrier()
         return out
 
     # ---- the loss -----------------------------------------------------------------------------

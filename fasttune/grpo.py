@@ -26,6 +26,13 @@ from .dpo import _inner
 from .rewards import call_reward, load_reward
 
 
+def _sharded(module) -> bool:
+    """Under FSDP2 every rank must run the same number of decoding steps (each gathers shards)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 class Rollout:
     """One micro-batch of samples: prompts × generations, with everything the loss needs."""
 
@@ -36,8 +43,9 @@ class Rollout:
 class GRPOTask:
     name = "grpo"
 
-    def __init__(self, cfg, tok, log):
+    def __init__(self, cfg, tok, log, dist=None):
         self.cfg, self.tok, self.g, self.log = cfg, tok, cfg.grpo, log
+        world = dist.world if dist else 1
         g = cfg.grpo
         if not cfg.data.train:
             raise ConfigError("data.train is empty: set it to a JSON or JSONL file of prompts")
@@ -56,17 +64,23 @@ class GRPOTask:
         self._check_rewards()
         t = cfg.train
 
+        # one optimizer step takes grad_accum × world micro-batches; with num_iterations > 1 the
+        # step's samples serve that many steps in a row (TRL's generation batch)
+        per_step = t.grad_accum * world
+
         def plan(epoch):
             order = list(range(len(self.prompts)))
             random.Random(f"{t.seed}-{epoch}").shuffle(order)
-            groups = [order[i : i + g.prompts_per_step] for i in range(0, len(order), g.prompts_per_step)]
-            return [(epoch, k, grp) for k, grp in enumerate(groups) for _ in range(g.num_iterations)]
+            groups = [(epoch, k, order[i : i + g.prompts_per_step])
+                      for k, i in enumerate(range(0, len(order), g.prompts_per_step))]
+            blocks = [groups[i : i + per_step] for i in range(0, len(groups), per_step)]
+            return [item for block in blocks for _ in range(g.num_iterations) for item in block]
 
         from .train import Stream
 
         self.stream = Stream(plan, self._rollout_for)
-        self._cache = {}
-        self.model = self.dev = None
+        self._cache, self._cache_size = {}, t.grad_accum
+        self.model = self.dev = self.run = None
 
     # ---- data and rewards -----------------------------------------------------------------------
 
@@ -132,19 +146,27 @@ class GRPOTask:
 
     # ---- sampling -------------------------------------------------------------------------------
 
-    def setup(self, model, dev, run_dir):
+    def setup(self, model, dev, run_dir, dist=None):
         self.model, self.dev = model, dev
 
     def _rollout_for(self, item):
         epoch, k, group = item
         key = (epoch, k)
-        if key not in self._cache:
-            self._cache = {key: self.rollout([self.prompts[i] for i in group])}  # keep only the current one
+        if key not in self._cache:  # keep this rank's rollouts of the current step only
+            self._cache = dict(list(self._cache.items())[-(self._cache_size - 1):]) if self._cache_size > 1 else {}
+            self._cache[key] = self.rollout([self.prompts[i] for i in group])
         return self._cache[key]
 
-    @torch.no_grad()
     def rollout(self, prompts):
-        model, tok, g, dev = self.model, self.tok, self.g, self.dev
+        """Sample, score and take reference log-probs for `prompts`: one forward of the runner
+        (DDP, FSDP2) when training, so FSDP2's shards are gathered for it."""
+        if self.run is None:
+            return self._rollout(self.model, prompts)
+        return self.run(self._rollout, prompts)
+
+    @torch.no_grad()
+    def _rollout(self, model, prompts):
+        tok, g, dev = self.tok, self.g, self.dev
         G = g.num_generations
         t0 = time.perf_counter()
         P = max(len(p["ids"]) for p in prompts)
@@ -157,7 +179,8 @@ class GRPOTask:
         model.eval()
         out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True,
                              temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_completion_len,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                             synced_gpus=_sharded(self.run))
         if was_training:
             model.train()
         comp = out[:, P:].cpu()

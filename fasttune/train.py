@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .batches import epoch_plan, make_batch
 from .config import ConfigError, resolved_toml
 from .data import load_sft, packing_efficiency
-from .models import compute_dtype, device, load_model, load_tokenizer
+from .models import compute_dtype, load_model, load_tokenizer
 
 
 class TrainingError(RuntimeError):
@@ -81,12 +81,22 @@ class Stream:
             self._plan, self._plan_epoch = self._plan_fn(epoch), epoch
         return self._plan
 
-    def next(self):
+    def _advance(self):
         if self.position["index"] >= len(self.plan(self.position["epoch"])):
             self.position = {"epoch": self.position["epoch"] + 1, "index": 0}
         group = self.plan(self.position["epoch"])[self.position["index"]]
         self.position["index"] += 1
-        return self.build(group)
+        return group
+
+    def next(self):
+        return self.build(self._advance())
+
+    def step(self, accum, rank=0, world=1):
+        """This rank's micro-batches of the next optimizer step: the step takes `accum × world`
+        micro-batches of the plan, and rank r builds the r-th run of `accum` of them. Every rank
+        keeps the same position."""
+        groups = [self._advance() for _ in range(accum * world)]
+        return [self.build(g) for g in groups[rank * accum : (rank + 1) * accum]]
 
 
 def lm_loss(model, batch, n_items, dev):
@@ -148,7 +158,7 @@ class SFTTask:
 
     name = "sft"
 
-    def __init__(self, cfg, tok, log):
+    def __init__(self, cfg, tok, log, dist=None):
         self.cfg, self.tok = cfg, tok
         if not cfg.data.train:
             raise ConfigError("data.train is empty: set it to a JSON or JSONL file of examples")
@@ -186,41 +196,84 @@ def train_sft(cfg, log=print) -> dict:
 
 
 def train(cfg, task_cls, log=print) -> dict:
-    """The shared loop: `task_cls(cfg, tokenizer, log)` supplies the batches, their count and the loss."""
+    """The shared loop: `task_cls(cfg, tokenizer, log, dist)` supplies the batches, their count and
+    the loss. Under torchrun each process runs this, its share of every step (fasttune/distributed.py)."""
+    dist = distributed.start()
+    try:
+        return _train(cfg, task_cls, log if dist.main else (lambda *a, **k: None), dist)
+    finally:
+        dist.close()
+
+
+class RunLog:
+    """metrics.jsonl, the progress bar and loss.png: rank 0 writes them, the other ranks nothing."""
+
+    def __init__(self, run_dir, cfg, step, total, name, resumed, enabled):
+        self.path, self.enabled = run_dir / "metrics.jsonl", enabled
+        if not enabled:
+            return
+        (run_dir / "config.toml").write_text(resolved_toml(cfg))
+        kept = [line for line in open(self.path)] if self.path.exists() and resumed else []
+        self.path.write_text("".join(line for line in kept if json.loads(line)["step"] <= step))
+        self.file = open(self.path, "a")
+        self.bar = _progress(total, step, name)
+
+    def write(self, row):
+        if self.enabled:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def show(self, **shown):
+        if self.enabled:
+            self.bar.set_postfix(**shown)
+            self.bar.update(1)
+
+    def close(self):
+        if not self.enabled:
+            return None
+        self.bar.close()
+        self.file.close()
+        if not self.path.stat().st_size:
+            return None
+        plot_losses(self.path, self.path.parent / "loss.png")
+        return json.loads(open(self.path).readline())
+
+
+def _train(cfg, task_cls, log, dist) -> dict:
     t = cfg.train
     torch.manual_seed(t.seed)
     random.seed(t.seed)
-    dev = device()
+    dev = dist.device
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     tok = load_tokenizer(cfg.model)
-    task = task_cls(cfg, tok, log)
+    task = task_cls(cfg, tok, log, dist)  # every rank reads and plans the same data
     model = load_model(cfg, dev)
     if hasattr(task, "setup"):
-        task.setup(model, dev, run_dir)
+        task.setup(model, dev, run_dir, dist)
     params = [p for p in model.parameters() if p.requires_grad]
     log(f"model {cfg.model.path}: {sum(p.numel() for p in params):,} trainable parameters "
         f"({cfg.model.finetune}{', 4-bit base' if cfg.model.finetune == 'lora' and cfg.model.load_in_4bit else ''}), "
-        f"on {dev.type}")
+        f"on {dev.type}" + (f", {dist.world} processes ({distributed.mode_for(cfg, dist.world)})" if dist.world > 1 else ""))
+    runner = dist.wrap(model, cfg)  # every use of the weights goes through runner(fn, *args)
+    task.run = runner
+    torch.manual_seed(t.seed + dist.rank)  # each rank its own sampling and dropout
+    params = [p for p in runner.parameters() if p.requires_grad]
     opt = make_optimizer(params, t)
     stream = task.stream
     per_epoch = len(stream.plan(0))
-    total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
+    total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / (t.grad_accum * dist.world)))
     sched = make_scheduler(opt, t, total)
-    fp = checkpoint.fingerprint(cfg)
+    fp = checkpoint.fingerprint(cfg, dist.world)
 
     step = 0
     ck = checkpoint.find(run_dir, cfg.run.resume)
     if ck is not None:
-        state = checkpoint.load(ck, model, opt, sched, fp)
+        state = checkpoint.load(ck, model, opt, sched, fp, dist)
         step, stream.position = state["step"], dict(state["position"])
         log(f"resuming from {ck} at step {step}")
-    (run_dir / "config.toml").write_text(resolved_toml(cfg))
-    metrics_path = run_dir / "metrics.jsonl"
-    kept = [line for line in open(metrics_path)] if metrics_path.exists() and ck is not None else []
-    kept = [line for line in kept if json.loads(line)["step"] <= step]
-    metrics_path.write_text("".join(kept))
+    out = RunLog(run_dir, cfg, step, total, task.name, ck is not None, dist.main)
 
     dtype = compute_dtype(cfg.model.compute_dtype, dev)
     use_autocast = dev.type == "cuda" and dtype != torch.float32
@@ -232,66 +285,69 @@ def train(cfg, task_cls, log=print) -> dict:
         torch.cuda.reset_peak_memory_stats()
     model.train()
     start, tokens_seen, last_row = time.perf_counter(), 0, None
-    bar = _progress(total, step, task.name)
-    with open(metrics_path, "a") as metrics:
-        while step < total:
-            t0 = time.perf_counter()
-            batches = [stream.next() for _ in range(t.grad_accum)]
-            n_items = sum(task.count(b) for b in batches)
-            loss_sum = torch.zeros((), device=dev)
-            extra = {}
-            for b in batches:
+    while step < total:
+        t0 = time.perf_counter()
+        batches = stream.step(t.grad_accum, dist.rank, dist.world)
+        # the normalizer of the whole global batch, summed over ranks on the host (gloo): no device sync
+        n_items = int(dist.sum(torch.tensor(sum(task.count(b) for b in batches))))
+        loss_sum = torch.zeros((), device=dev)
+        extra = {}
+        for i, b in enumerate(batches):
+            with dist.no_sync(runner, last=i == len(batches) - 1):
                 with autocast():
-                    loss, stats = task.loss(model, b, n_items, dev)
-                loss.backward()
-                loss_sum += loss.detach()
-                for k, v in stats.items():  # per-micro-batch means, weighted by the micro-batch's count
-                    v = torch.as_tensor(v, dtype=torch.float32, device=dev)
-                    extra[k] = extra.get(k, 0.0) + v * (task.count(b) / n_items)
-            # the one host sync of the step: the loss and the task's statistics together
-            loss, *values = torch.stack([loss_sum.float(), *extra.values()]).tolist()
-            extra = dict(zip(extra, values))
-            if not math.isfinite(loss):
-                last = checkpoint.checkpoints(run_dir)
-                raise TrainingError(f"the loss is {loss} at step {step + 1}; stopped before the optimizer step. "
-                                    f"Last good checkpoint: {last[-1] if last else 'none'}. Try a lower "
-                                    "train.learning_rate or check the data")
-            norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
-            lr = sched.get_last_lr()[0]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            elapsed = time.perf_counter() - t0
-            tokens = sum(b.tokens for b in batches)
-            tokens_seen += tokens
-            row = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(float(norm), 6),
-                   "tokens_per_s": round(tokens / elapsed, 1), "trained_tokens": sum(b.trained for b in batches),
-                   "peak_memory_mb": round(peak_memory_mb(dev), 1), "elapsed_s": round(time.perf_counter() - start, 2),
-                   "epoch": stream.position["epoch"], **{k: round(v, 6) for k, v in extra.items()}}
-            if "generation_s" in extra:  # sampling happens inside the step: report training time apart
-                row["training_s"] = round(elapsed - extra["generation_s"] - extra.get("reference_s", 0.0), 4)
-            if (cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == total:
-                ev = task.evaluate(model, dev, autocast)
-                if ev is not None:
-                    row["eval_loss"] = round(ev, 6)
-            if step % cfg.run.log_every == 0 or step == total or "eval_loss" in row:
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-            shown = {k: f"{extra[k]:.3f}" for k in list(extra)[:2]}
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
-                            mem=f"{row['peak_memory_mb']:.0f}MB", **shown)
-            bar.update(1)
-            last_row = row
-            if step % cfg.run.save_every == 0 or step == total:
-                checkpoint.save(run_dir, step, model, opt, sched, stream.position, fp, cfg.run.keep)
-    bar.close()
-    if metrics_path.stat().st_size:
-        plot_losses(metrics_path, run_dir / "loss.png")
-    first = json.loads(open(metrics_path).readline()) if metrics_path.stat().st_size else None
+                    loss, stats = runner(task.loss, b, n_items, dev)
+                # DDP and FSDP2 average gradients over ranks; the loss is a share of the global sum
+                (loss * dist.world).backward()
+            loss_sum += loss.detach()
+            for k, v in stats.items():  # per-micro-batch means, weighted by the micro-batch's count
+                v = torch.as_tensor(v, dtype=torch.float32, device=dev)
+                extra[k] = extra.get(k, 0.0) + v * (task.count(b) / n_items)
+        tokens, trained = sum(b.tokens for b in batches), sum(b.trained for b in batches)
+        # the one host sync of the step: the loss, the statistics and the counts of every rank together
+        summed = dist.sum(torch.stack([loss_sum.float(), *extra.values(),
+                                       torch.tensor(float(tokens), device=dev), torch.tensor(float(trained), device=dev)]))
+        loss, *values, tokens, trained = summed.tolist()
+        extra = dict(zip(extra, values))
+        if not math.isfinite(loss):  # a NaN on any rank is in the sum: every rank stops here
+            last = checkpoint.checkpoints(run_dir)
+            raise TrainingError(f"the loss is {loss} at step {step + 1}; stopped before the optimizer step. "
+                                f"Last good checkpoint: {last[-1] if last else 'none'}. Try a lower "
+                                "train.learning_rate or check the data")
+        norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.perf_counter() - t0
+        tokens_seen += int(tokens)
+        row = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(float(norm), 6),
+               "tokens_per_s": round(tokens / elapsed, 1), "trained_tokens": int(trained),
+               "peak_memory_mb": round(dist.max(peak_memory_mb(dev)), 1),
+               "elapsed_s": round(time.perf_counter() - start, 2),
+               "epoch": stream.position["epoch"], **{k: round(v, 6) for k, v in extra.items()}}
+        if "generation_s" in extra:  # sampling happens inside the step: report training time apart
+            # extra holds the mean per micro-batch over all ranks; a rank samples grad_accum of them
+            row["generation_s"] = round(extra["generation_s"] * t.grad_accum, 4)
+            row["reference_s"] = round(extra.get("reference_s", 0.0) * t.grad_accum, 4)
+            row["training_s"] = round(elapsed - row["generation_s"] - row["reference_s"], 4)
+        if (cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == total:
+            ev = runner(task.evaluate, dev, autocast)
+            if ev is not None:
+                row["eval_loss"] = round(ev, 6)
+        if step % cfg.run.log_every == 0 or step == total or "eval_loss" in row:
+            out.write(row)
+        shown = {k: f"{extra[k]:.3f}" for k in list(extra)[:2]}
+        out.show(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                 mem=f"{row['peak_memory_mb']:.0f}MB", **shown)
+        last_row = row
+        if step % cfg.run.save_every == 0 or step == total:
+            checkpoint.save(run_dir, step, model, opt, sched, stream.position, fp, cfg.run.keep, dist)
+    first = out.close()
     summary = {"steps": step, "first_loss": first and first["loss"], "last_loss": last_row and last_row["loss"],
                "eval_loss": last_row and last_row.get("eval_loss"), "tokens": tokens_seen,
-               "seconds": round(time.perf_counter() - start, 1), "peak_memory_mb": round(peak_memory_mb(dev), 1),
+               "seconds": round(time.perf_counter() - start, 1), "peak_memory_mb": round(dist.max(peak_memory_mb(dev)), 1),
                "output_dir": str(run_dir), "last": last_row}
     log(f"done: {summary['steps']} steps, loss {summary['first_loss']} -> {summary['last_loss']}"
         + (f", eval loss {summary['eval_loss']}" if summary["eval_loss"] is not None else "")

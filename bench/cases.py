@@ -292,7 +292,7 @@ def _attention_case(provider, shape, dtype):
 LAST_RUN = {}
 
 
-def _example_run(command, example, data, steps, *sets):
+def _example_run(command, example, data, steps, *sets, nproc=0):
     """A callable running `fasttune COMMAND examples/EXAMPLE` for `steps` steps in a fresh process and
     folder; LAST_RUN["rows"] gets its metrics.jsonl, whose own numbers (tokens/s, peak memory, the
     step's split) the benchmarks report."""
@@ -310,6 +310,7 @@ def _example_run(command, example, data, steps, *sets):
         overrides = [f'run.output_dir="{out}"', f"train.max_steps={steps}", f'data.train="{root}/examples/data/{data}"',
                      f"run.save_every={steps}", *sets]
         cmd = [sys.executable, "-m", "fasttune.cli", command, str(root / "examples" / example)]
+        cmd += ["--nproc", str(nproc)] if nproc else []
         for o in overrides:
             cmd += ["--set", o]
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONSAFEPATH": "1"})
@@ -323,6 +324,16 @@ def _sft_demo_case(provider, shape, dtype):
     if provider != "fasttune":
         raise Unavailable(f"no provider {provider!r} for the SFT demo (the HF + PEFT comparison is bench/e2e.py)")
     return _example_run("sft", "sft.toml", "sft_alpaca.jsonl", shape["steps"], 'data.eval=""')
+
+
+def _sft_ranks_case(provider, shape, dtype):
+    """The SFT demo under torchrun on `ranks` CPU processes (gloo), with the same global batch of 2
+    rows: a smoke figure for the launcher and DDP, not a speed claim (the ranks share 2 cores)."""
+    if provider != "fasttune":
+        raise Unavailable(f"no provider {provider!r} for the torchrun smoke run")
+    r = shape["ranks"]
+    return _example_run("sft", "sft.toml", "sft_alpaca.jsonl", shape["steps"], 'data.eval=""',
+                        f"train.grad_accum={2 // r}", nproc=r)
 
 
 def _dpo_step_case(provider, shape, dtype):
@@ -396,7 +407,7 @@ def _alloc_case(provider, shape, dtype):
 
 
 CASES = {"alloc": _alloc_case, "fused_linear_cross_entropy": _flce_case, "dpo_loss": _dpo_case, "grpo_loss": _grpo_case,
-         "varlen_attention": _attention_case, "sft_demo": _sft_demo_case, "dpo_step": _dpo_step_case,
+         "varlen_attention": _attention_case, "sft_demo": _sft_demo_case, "sft_ranks": _sft_ranks_case, "dpo_step": _dpo_step_case,
          "grpo_demo": _grpo_demo_case}
 PEERS = {"torch_chunked", "torch_compile", "liger", "cce", "varlen_attn", "flex"}
 

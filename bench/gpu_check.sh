@@ -9,7 +9,7 @@
 #   e2e_8b        the same at the Llama-3-8B shape
 #   kernel_bench  the kernel benchmarks (pytest bench, without the end-to-end smoke file)
 #   e2e_rl        DPO and GRPO steps, Llama-3.2-1B shape
-#   the rest      8192-token rows, Qwen2.5-7B, the end-to-end smoke tests, the remaining test suite
+#   the rest      torchrun with one process (DDP on the GPU), 8192-token rows, Qwen2.5-7B, the end-to-end smoke tests, the remaining test suite
 # Results are appended as JSON lines the moment each is measured (OUTDIR/e2e.jsonl, OUTDIR/bench.jsonl),
 # so a stage that times out loses only what it had not measured yet. Every stage logs to OUTDIR/NAME.log;
 # OUTDIR/summary.txt has one line per stage (exit code, seconds), OUTDIR/tables.md the results as tables.
@@ -79,8 +79,9 @@ cp bench/results/*.json "$OUT/" 2>/dev/null
 e2e e2e_rl 70 llama-3.2-1b dpo,grpo
 
 # ---- the rest, with the time left ------------------------------------------------------------------
-# The torchrun world-size-1 run goes here, as one stage line, e.g.:
-#   stage torchrun_ws1 60 torchrun --standalone --nproc_per_node 1 ...
+# torchrun with one process: the launcher, NCCL and DDP on the GPU (QLoRA SFT demo, 30 steps)
+stage torchrun_ws1 60 $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m fasttune sft examples/sft.toml \
+    --set train.max_steps=30 --set "run.output_dir=\"$OUT/torchrun_ws1\"" --set 'data.eval=""'
 e2e e2e_1b_8k 50 llama-3.2-1b sft:8192
 e2e e2e_8b_8k 90 llama-3-8b sft:8192
 e2e e2e_qwen 100 qwen2.5-7b sft:4096,sft:8192

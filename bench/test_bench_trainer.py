@@ -37,6 +37,15 @@ def test_sft_demo(benchmark, recorder):
     res.extra = {"first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sft_ranks(benchmark, recorder, ranks):
+    """torchrun with 1 and 2 CPU processes, the same global batch: global tokens/s as a smoke result only."""
+    res = bench_case(benchmark, recorder, "sft_ranks", "fasttune", {"steps": 30, "ranks": ranks}, "fp32", tokens=1,
+                     flops=0, rounds=1, memory=False)
+    rows = _from_run(res)
+    res.extra = {"last_loss": rows[-1]["loss"]}
+
+
 DPO = {"pairs": 8, "4bit": True}
 
 

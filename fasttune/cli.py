@@ -7,6 +7,9 @@
     fasttune sft CONFIG.toml --nproc N                       the same on N processes (GPUs) under torchrun
     torchrun --nproc_per_node N -m fasttune sft CONFIG.toml  the same, torchrun's way (and --nnodes)
     fasttune merge RUN_DIR --out DIR [--dtype bf16]          merge the adapter into the base model
+    fasttune generate RUN_OR_CHECKPOINT --prompts FILE       completions for a file of prompts (JSONL out)
+    fasttune chat RUN_OR_CHECKPOINT                          talk to it in the terminal (or over a pipe)
+    fasttune eval CONFIG.toml [--adapter RUN|base]           held-out metrics, before and after training
     fasttune env                                             versions, device, kernel backend
 
 Mistakes in the config or the data print one clear line (file, line, key or example) and exit 2.
@@ -175,6 +178,54 @@ def _merge(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    import json
+
+    from fasttune.infer import generate, load, read_prompts
+    from fasttune.models import device
+
+    prompts = read_prompts(args.prompts)  # a bad file fails before the model is loaded
+    loaded = load(args.target, device(), base=args.base)
+    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    print(f"generating {args.num_samples} completion(s) for each of {len(prompts)} prompts with {loaded.what}",
+          file=sys.stderr)
+    completions = generate(loaded.model, loaded.tok, [p["messages"] for p in prompts], num_samples=args.num_samples,
+                           batch_size=args.batch_size, **settings)
+    lines = "".join(json.dumps({"prompt": p["prompt"], "completion": c, "sample": k, "model": loaded.what, **settings},
+                               ensure_ascii=False) + "\n" for p, samples in zip(prompts, completions)
+                    for k, c in enumerate(samples))
+    if args.out:
+        Path(args.out).write_text(lines)
+        print(f"wrote {sum(map(len, completions))} completions to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(lines)
+    return 0
+
+
+def _chat(args) -> int:
+    from fasttune.infer import chat, load
+    from fasttune.models import device
+
+    loaded = load(args.target, device(), base=args.base)
+    if sys.stdin.isatty():
+        print(f"model: {loaded.what}")
+    chat(loaded.model, loaded.tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    return 0
+
+
+def _eval(args) -> int:
+    import json
+
+    from fasttune.config import load_config
+    from fasttune.evaluation import evaluate, table
+
+    cfg = load_config(args.config, args.set)
+    metrics = evaluate(cfg, args.adapter, log=lambda m: print(m, file=sys.stderr))
+    print(table(metrics))
+    print(json.dumps(metrics))  # the last line, for scripts
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fasttune", description="Kernel-accelerated post-training for LLMs.")
     parser.add_argument("--version", action="version", version=f"fasttune {__version__}")
@@ -198,6 +249,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder for the merged model")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.set_defaults(func=_merge)
+    def sampling(p, temperature):
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--base", action="store_true", help="the run's base model without its adapter, to compare")
+
+    target = "a run folder (its last checkpoint), a checkpoint folder, a merged folder or a model folder"
+    p = sub.add_parser("generate", help="complete a file of prompts with a trained model",
+                       description="complete the prompts of a JSON or JSONL file (\"prompt\" as text or messages, or "
+                                   "\"messages\"), rendered with the chat template; one JSON line per prompt and sample")
+    p.add_argument("target", help=target)
+    p.add_argument("--prompts", required=True, help="JSON or JSONL file of prompts")
+    p.add_argument("--out", help="JSONL file for the completions (default: standard output)")
+    p.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences generated together")
+    sampling(p, 0.7)
+    p.set_defaults(func=_generate)
+    p = sub.add_parser("chat", help="talk to a trained model in the terminal",
+                       description="a multi-turn chat, streamed; /reset, /system TEXT, /exit. With input piped in, "
+                                   "each line is a user turn and only the replies are printed")
+    p.add_argument("target", help=target)
+    sampling(p, 0.7)
+    p.set_defaults(func=_chat)
+    p = sub.add_parser("eval", help="held-out metrics of a run (or of the base model)",
+                       description="SFT: loss, perplexity, token accuracy; DPO: reward accuracy and margin, log-probs; "
+                                   "GRPO: mean rewards over sampled completions. On data.eval, else data.train. The "
+                                   "last line is one JSON object")
+    p.add_argument("config", help="the run's TOML config")
+    p.add_argument("--adapter", default=None, help="a run or checkpoint folder, or \"base\" for the model before "
+                   "training (default: the last checkpoint of run.output_dir)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
+    p.set_defaults(func=_eval)
     sub.add_parser("env", help="print versions, device and the kernel backend in use").set_defaults(func=_env)
     args = parser.parse_args(argv)
     if args.command is None:

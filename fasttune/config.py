@@ -97,6 +97,7 @@ class RunConfig:
     save_every: int = doc(50, "steps between checkpoints; the last step is always saved")
     keep: int = doc(2, "checkpoints kept")
     resume: str = doc("auto", '"auto" (the last complete checkpoint), "never", or a checkpoint folder')
+    report_to: list = doc([], '"tensorboard" and/or "wandb": where metrics go besides metrics.jsonl')
 
 
 @dataclass

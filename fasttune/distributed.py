@@ -48,7 +48,8 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    mode: str = "none"  # "none" (one process), "ddp" or "fsdp"
+    launched: bool = False  # started by torchrun (a world of 1 included: it then runs DDP/FSDP2 of one)
+    mode: str = "none"  # "none" (one plain process), "ddp" or "fsdp"
 
     @property
     def main(self) -> bool:
@@ -56,9 +57,8 @@ class Dist:
 
     # ---- wrapping ---------------------------------------------------------------------------
 
-    def wrap(self, model, cfg) -> nn.Module:
-        """The model inside a Runner, in DDP or FSDP2 as `train.parallel` asks (resolved by `mode_for`)."""
-        self.mode = mode_for(cfg, self.world)
+    def wrap(self, model) -> nn.Module:
+        """The model inside a Runner, in DDP or FSDP2 as `self.mode` (from `mode_for`) says."""
         runner = Runner(model)
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel
@@ -134,35 +134,38 @@ class Dist:
         set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_sd, options=opts)
 
     def close(self):
-        if self.world > 1 and dist.is_initialized():
+        if self.launched and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def start() -> Dist:
     """This process's place in the job: torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or one process."""
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local)
     dev = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    if launched and not dist.is_initialized():
         # NCCL for GPU tensors, gloo for host objects; a stuck peer fails the job in minutes, not hours
         dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
-    return Dist(rank=rank, world=world, local_rank=local, device=dev)
+    return Dist(rank=rank, world=world, local_rank=local, device=dev, launched=launched)
 
 
-def mode_for(cfg, world: int) -> str:
-    """`train.parallel` resolved: auto takes DDP for (Q)LoRA and FSDP2 for full fine-tuning."""
-    if world == 1:
+def mode_for(cfg, launched: bool) -> str:
+    """`train.parallel` resolved: auto takes DDP for (Q)LoRA and FSDP2 for full fine-tuning; "none"
+    for a plain process."""
+    if not launched:
         return "none"
     p, m = cfg.train.parallel, cfg.model
     if p == "auto":
         p = "fsdp" if m.finetune == "full" else "ddp"
-    if p == "fsdp" and m.finetune == "lora" and m.load_in_4bit:
-        raise ConfigError("train.parallel = \"fsdp\" with a 4-bit base (QLoRA) is not supported yet: fasttune does not "
-                          "shard bitsandbytes' 4-bit weights. Set train.parallel = \"ddp\" (each GPU holds the 4-bit "
-                          "base, which is what QLoRA keeps small) or model.load_in_4bit = false")
+    if p == "fsdp" and m.finetune == "lora":
+        raise ConfigError("train.parallel = \"fsdp\" with LoRA" + (" on a 4-bit base (QLoRA)" if m.load_in_4bit else "")
+                          + " is not supported yet: fasttune shards full fine-tuning only (it does not shard "
+                          "bitsandbytes' 4-bit weights, nor save adapters from shards). Set train.parallel = \"ddp\" "
+                          "(each GPU holds the base, which QLoRA keeps small) or model.finetune = \"full\"")
     return p
 
 

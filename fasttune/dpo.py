@@ -69,8 +69,8 @@ class DPOTask:
     @contextlib.contextmanager
     def reference(self, model):
         """Run the model as the reference inside this block."""
-        if self.cfg.model.finetune == "full":
-            yield  # precompute only: the model is still the initial one
+        if self.cfg.model.finetune == "full" or not hasattr(model, "disable_adapter"):
+            yield  # precompute (the model is still the initial one), or evaluating a base that is its own reference
         elif self.cfg.model.adapter:
             model.set_adapter("reference")
             try:

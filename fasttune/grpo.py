@@ -80,7 +80,7 @@ class GRPOTask:
 
         self.stream = Stream(plan, self._rollout_for)
         self._cache, self._cache_size = {}, t.grad_accum
-        self.model = self.dev = self.run = None
+        self.model = self.dev = self.run = self.eval_prompts = None
 
     # ---- data and rewards -----------------------------------------------------------------------
 
@@ -166,6 +166,20 @@ class GRPOTask:
 
     @torch.no_grad()
     def _rollout(self, model, prompts):
+        batch = self.sample(model, prompts)
+        batch.advantages = self.advantages(batch.rewards)
+        t1 = time.perf_counter()
+        if self.g.num_iterations > 1:
+            batch.old_logps = self.logps(model, batch).cpu()
+        if self.g.beta > 0:
+            with model.disable_adapter():
+                batch.ref_logps = self.logps(model, batch).cpu()
+        batch.ref_time = time.perf_counter() - t1
+        return batch
+
+    @torch.no_grad()
+    def sample(self, model, prompts):
+        """`num_generations` completions of each prompt, scored: a Rollout without advantages or log-probs."""
         tok, g, dev = self.tok, self.g, self.dev
         G = g.num_generations
         t0 = time.perf_counter()
@@ -197,22 +211,13 @@ class GRPOTask:
         columns = {k: [p["columns"][k] for p in prompts for _ in range(G)] for k in prompts[0]["columns"]}
         ids_out = [c[: int(first_eos[i])].tolist() for i, c in enumerate(comp)]
         raw, total = self.rewards([p for p in prompts for _ in range(G)], texts, columns, ids_out)
-        adv = self.advantages(total)
 
         full = torch.cat([ids, comp], 1)
         attn = torch.cat([mask, cmask.long()], 1)
-        batch = Rollout(input_ids=full, attention_mask=attn, prompt_len=P, completion_ids=comp, completion_mask=loss_mask,
-                        advantages=adv, rewards=total, raw=raw, truncated=truncated, lengths=cmask.sum(1),
-                        gen_time=gen_time, tokens=int(attn.sum()), trained=int(loss_mask.sum()),
-                        old_logps=None, ref_logps=None, fresh=True)
-        t1 = time.perf_counter()
-        if g.num_iterations > 1:
-            batch.old_logps = self.logps(model, batch).cpu()
-        if g.beta > 0:
-            with model.disable_adapter():
-                batch.ref_logps = self.logps(model, batch).cpu()
-        batch.ref_time = time.perf_counter() - t1
-        return batch
+        return Rollout(input_ids=full, attention_mask=attn, prompt_len=P, completion_ids=comp, completion_mask=loss_mask,
+                       advantages=None, rewards=total, raw=raw, truncated=truncated, lengths=cmask.sum(1),
+                       gen_time=gen_time, tokens=int(attn.sum()), trained=int(loss_mask.sum()),
+                       old_logps=None, ref_logps=None, ref_time=0.0, fresh=True)
 
     def _hidden(self, model, batch):
         inner, head = _inner(model)
@@ -261,7 +266,28 @@ class GRPOTask:
         return loss, stats
 
     def evaluate(self, model, dev, autocast):
-        return None
+        """On `data.eval`'s prompts: each reward function's mean over `num_generations` samples per
+        prompt, the weighted total and the completion length (None without data.eval)."""
+        if not self.cfg.data.eval:
+            return None
+        if self.eval_prompts is None:
+            self.eval_prompts = self._load_prompts(self.cfg.data.eval)
+        return score(self, model, self.eval_prompts)
+
+
+def score(task, model, prompts) -> dict:
+    """Mean rewards of `num_generations` samples per prompt, as eval_* metrics."""
+    raw, total, lengths = [], [], []
+    for s in range(0, len(prompts), task.g.prompts_per_step):
+        b = task.sample(model, prompts[s : s + task.g.prompts_per_step])
+        raw.append(b.raw)
+        total.append(b.rewards)
+        lengths.append(b.lengths.float())
+    raw = torch.cat(raw)
+    out = {"eval_reward": float(torch.cat(total).mean())}
+    out.update({f"eval_reward/{spec}": float(col.mean()) for (spec, _), col in zip(task.funcs, raw.T)})
+    out["eval_completion_len"] = float(torch.cat(lengths).mean())
+    return out
 
 
 def train_grpo(cfg, log=print) -> dict:

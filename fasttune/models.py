@@ -51,8 +51,9 @@ def load_tokenizer(model_cfg):
     return tok
 
 
-def load_model(cfg, dev=None, *, trainable=True):
-    """The model of `cfg.model` and `cfg.lora` on `dev`, with fasttune's kernels applied."""
+def load_model(cfg, dev=None, *, trainable=True, lora=True, quiet=False):
+    """The model of `cfg.model` and `cfg.lora` on `dev`, with fasttune's kernels applied. `lora=False`:
+    the base alone (4-bit if the run is QLoRA), as inference compares against."""
     import transformers
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -81,7 +82,7 @@ def load_model(cfg, dev=None, *, trainable=True):
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    if m.finetune == "lora":
+    if m.finetune == "lora" and lora:
         if m.adapter:
             model = PeftModel.from_pretrained(model, m.adapter, is_trainable=trainable)
         else:
@@ -95,7 +96,8 @@ def load_model(cfg, dev=None, *, trainable=True):
         if getattr(cfg.data, "packing", False):
             raise ConfigError(f"model.path = {m.path!r}: {why}, so fasttune's varlen attention cannot keep packed "
                               "samples apart; set data.packing = false to train it padded")
-        print(f"fasttune: {why}; training it with its own attention and loss (padded batches)", flush=True)
+        if not quiet:
+            print(f"fasttune: {why}; training it with its own attention and loss (padded batches)", flush=True)
         return model
     fasttune.kernels.apply(model)
     return model

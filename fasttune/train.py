@@ -126,22 +126,37 @@ def evaluate(model, examples, cfg, pad_id, dev, autocast) -> float:
     return total
 
 
+# each task's own curves in loss.png, beside the loss: (title, metrics)
+TASK_PANELS = {"reward_accuracy": [("DPO reward accuracy", ["reward_accuracy"]), ("DPO reward margin", ["reward_margin"])],
+               "completion_len": [("GRPO mean reward", None), ("completion length", ["completion_len"])]}
+
+
 def plot_losses(metrics_path, png_path):
+    """loss.png: train and eval loss, then the task's own curves (DPO: reward accuracy and margin;
+    GRPO: the mean reward of each reward function, completion length)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in open(metrics_path)]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    panels = [p for key, ps in TASK_PANELS.items() if key in rows[0] for p in ps]
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(6 + 4.5 * len(panels), 3.5), dpi=100, squeeze=False)
+    ax = axes[0][0]
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
     ev = [r for r in rows if "eval_loss" in r]
     if ev:
         ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval")
-    ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    for ax, (title, keys) in zip(axes[0][1:], panels):
+        keys = keys or ["reward"] + sorted(k for k in rows[0] if k.startswith("reward/"))
+        for k in keys:
+            ax.plot([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r], label=k)
+        ax.set_title(title, fontsize=10)
+    for ax in axes[0]:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)
@@ -212,6 +227,9 @@ class RunLog:
         self.path, self.enabled = run_dir / "metrics.jsonl", enabled
         if not enabled:
             return
+        from .reporting import Reporters
+
+        self.reporters = Reporters(cfg.run.report_to, run_dir, cfg)
         (run_dir / "config.toml").write_text(resolved_toml(cfg))
         kept = [line for line in open(self.path)] if self.path.exists() and resumed else []
         self.path.write_text("".join(line for line in kept if json.loads(line)["step"] <= step))
@@ -222,6 +240,7 @@ class RunLog:
         if self.enabled:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
+            self.reporters.log(row)
 
     def show(self, **shown):
         if self.enabled:
@@ -233,6 +252,7 @@ class RunLog:
             return None
         self.bar.close()
         self.file.close()
+        self.reporters.close()
         if not self.path.stat().st_size:
             return None
         plot_losses(self.path, self.path.parent / "loss.png")
@@ -241,6 +261,7 @@ class RunLog:
 
 def _train(cfg, task_cls, log, dist) -> dict:
     t = cfg.train
+    dist.mode = distributed.mode_for(cfg, dist.launched)  # refuses what cannot be distributed, before any work
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     dev = dist.device
@@ -255,8 +276,8 @@ def _train(cfg, task_cls, log, dist) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     log(f"model {cfg.model.path}: {sum(p.numel() for p in params):,} trainable parameters "
         f"({cfg.model.finetune}{', 4-bit base' if cfg.model.finetune == 'lora' and cfg.model.load_in_4bit else ''}), "
-        f"on {dev.type}" + (f", {dist.world} processes ({distributed.mode_for(cfg, dist.world)})" if dist.world > 1 else ""))
-    runner = dist.wrap(model, cfg)  # every use of the weights goes through runner(fn, *args)
+        f"on {dev.type}" + (f", {dist.world} process{'es' if dist.world > 1 else ''} ({dist.mode})" if dist.launched else ""))
+    runner = dist.wrap(model)  # every use of the weights goes through runner(fn, *args)
     task.run = runner
     torch.manual_seed(t.seed + dist.rank)  # each rank its own sampling and dropout
     params = [p for p in runner.parameters() if p.requires_grad]
@@ -333,10 +354,11 @@ def _train(cfg, task_cls, log, dist) -> dict:
             row["reference_s"] = round(extra.get("reference_s", 0.0) * t.grad_accum, 4)
             row["training_s"] = round(elapsed - row["generation_s"] - row["reference_s"], 4)
         if (cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == total:
-            ev = runner(task.evaluate, dev, autocast)
+            ev = runner(task.evaluate, dev, autocast)  # eval loss, or (GRPO) a dict of eval_* metrics
             if ev is not None:
-                row["eval_loss"] = round(ev, 6)
-        if step % cfg.run.log_every == 0 or step == total or "eval_loss" in row:
+                row.update({k: round(v, 6) for k, v in (ev if isinstance(ev, dict) else {"eval_loss": ev}).items()})
+        evaluated = any(k.startswith("eval_") for k in row)
+        if step % cfg.run.log_every == 0 or step == total or evaluated:
             out.write(row)
         shown = {k: f"{extra[k]:.3f}" for k in list(extra)[:2]}
         out.show(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",

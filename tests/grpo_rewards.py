@@ -26,3 +26,12 @@ def trl_style(completions, **kwargs):
     assert isinstance(prompts[0], list) and prompts[0][-1]["role"] == "user", prompts[0]
     assert len(kwargs["completion_ids"]) == len(completions) and "answer" in kwargs, sorted(kwargs)
     return [-abs(20 - len(completion[0]["content"])) / 20 for completion in completions]
+
+
+def fails_on_rank_1(prompts, completions, **_):
+    """Fails during training on one process of a torchrun job (the check before training passes)."""
+    import os
+
+    if os.environ.get("RANK") == "1" and completions != ["Answer: 0"] * len(completions):
+        raise ValueError("rank 1 met a record it cannot score")
+    return [0.0] * len(completions)

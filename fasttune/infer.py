@@ -1,0 +1,212 @@
+"""Using a trained model: load a run, a checkpoint or a model folder, and generate from it.
+
+- `load(target, base=False)`: a run folder (its last checkpoint), a checkpoint folder, a merged
+  folder (`fasttune merge`) or any model folder or hub id. A run's model is loaded as it was trained:
+  its base (4-bit for QLoRA) with the checkpoint's adapter; `base=True` gives the base alone.
+- `read_prompts(path)`: JSON or JSONL records with `prompt` (a string or messages) or `messages`.
+- `generate(...)`: batched sampling (left-padded, KV cache) of `num_samples` completions per prompt,
+  each prompt rendered with the chat template and its generation prompt, as in training.
+- `chat(...)`: a multi-turn conversation on the terminal, tokens streamed as they come.
+"""
+
+import json
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from . import builtin, checkpoint
+from .config import ConfigError
+from .data import DataError
+
+
+@dataclass
+class Loaded:
+    model: object
+    tok: object
+    what: str  # one line: what was loaded
+    cfg: object = None  # the run's config, when it came from a run
+
+
+def _run_of(target: str):
+    """(run config, checkpoint folder) for a run or checkpoint folder; (None, None) for anything else."""
+    from .config import load_config
+
+    path = Path(target)
+    if (path / checkpoint.STATE).is_file():
+        ck, run = path, path.parent.parent
+    elif (path / "config.toml").is_file() and (path / "checkpoints").is_dir():
+        run, ck = path, checkpoint.find(path, "auto")
+        if ck is None:
+            raise ConfigError(f"{path}: a run folder without a complete checkpoint (checkpoints/ has none); "
+                              "train it first, or name a checkpoint folder")
+    else:
+        return None, None
+    if not (run / "config.toml").is_file():
+        raise ConfigError(f"{ck}: a checkpoint outside its run folder (no {run / 'config.toml'}); "
+                          "keep checkpoints inside the run's output_dir")
+    return load_config(run / "config.toml"), ck
+
+
+def check_adapter(cfg, ck):
+    """A LoRA checkpoint must have been trained on `cfg.model.path`: one clear line if not."""
+    ac = Path(ck) / "adapter_config.json"
+    if not ac.is_file():
+        raise ConfigError(f"{ck}: no adapter in it (no adapter_config.json); it holds a full fine-tune or nothing")
+    trained_on = json.loads(ac.read_text()).get("base_model_name_or_path")
+    here = builtin.resolve(cfg.model.path)
+    if trained_on and Path(str(trained_on)).resolve() != Path(str(here)).resolve() and trained_on != cfg.model.path:
+        raise ConfigError(f"{ck}: its adapter was trained on {trained_on}, not on model.path = {cfg.model.path!r} "
+                          f"({here}); evaluate it with that run's config, or set model.path to its base")
+
+
+def model_for(cfg, ck, dev, *, base=False):
+    """The model of `cfg` for inference: the base (4-bit as trained) with the checkpoint `ck` (an adapter,
+    or a full fine-tune's weights), or the base alone."""
+    from .models import load_model
+
+    lora = ck is not None and not base and cfg.model.finetune == "lora"
+    if ck is not None and not base and cfg.model.finetune == "full":
+        cfg = replace(cfg, model=replace(cfg.model, path=str(ck)))
+    elif lora:
+        check_adapter(cfg, ck)
+        cfg = replace(cfg, model=replace(cfg.model, adapter=str(ck)))
+    cfg = replace(cfg, train=replace(cfg.train, gradient_checkpointing=False))
+    try:
+        model = load_model(cfg, dev, trainable=False, lora=lora, quiet=True)
+    except RuntimeError as e:  # shapes that do not fit: an adapter from another architecture
+        raise ConfigError(f"{ck}: cannot be loaded onto {cfg.model.path}: {str(e).splitlines()[0][:300]}") from None
+    return model.eval()
+
+
+def load(target: str, dev, *, base=False) -> Loaded:
+    from .config import SFTConfig
+    from .models import load_tokenizer
+
+    cfg, ck = _run_of(target)
+    if cfg is not None:
+        quant = ", 4-bit" if cfg.model.finetune == "lora" and cfg.model.load_in_4bit else ""
+        what = (f"{cfg.model.path}{quant}, base only (--base)" if base else
+                f"{cfg.model.path}{quant} + {'adapter' if cfg.model.finetune == 'lora' else 'weights'} {ck}")
+        return Loaded(model_for(cfg, ck, dev, base=base), load_tokenizer(cfg.model), what, cfg)
+    path = Path(target)
+    if not (target.startswith("builtin:") or (path / "config.json").is_file() or ("/" in target and not path.exists())):
+        raise ConfigError(f"{target}: not a fasttune run, checkpoint or model folder (no config.toml with "
+                          "checkpoints/, no trainer_state.pt, no config.json)")
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise ConfigError(f"{target}: a bare adapter folder; name the run folder it came from, or merge it first")
+    cfg = SFTConfig()
+    cfg = replace(cfg, model=replace(cfg.model, path=target, finetune="full", load_in_4bit=False))
+    from .models import load_model
+
+    model = load_model(cfg, dev, trainable=False, lora=False, quiet=True).eval()
+    return Loaded(model, load_tokenizer(cfg.model), f"{target} (a plain model{', --base has no effect' if base else ''})", cfg)
+
+
+# ---- prompts --------------------------------------------------------------------------------------
+
+def read_prompts(path) -> list[dict]:
+    """[{"where", "messages", "prompt"}]: the records of a JSON or JSONL prompt file."""
+    from .sources import read_data
+
+    out = []
+    for where, rec in read_data(str(path), None):
+        p = rec.get("prompt", rec.get("messages")) if isinstance(rec, dict) else None
+        if p is None:
+            raise DataError(f"{where}: a prompt record needs \"prompt\" (a string or messages) or \"messages\"")
+        msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str)
+                                                 for m in msgs):
+            raise DataError(f"{where}: the prompt must be a string or a list of {{role, content}} messages")
+        if not msgs or not any(m["content"].strip() for m in msgs):
+            raise DataError(f"{where}: the prompt is empty")
+        out.append({"where": where, "messages": msgs, "prompt": p})
+    if not out:
+        raise DataError(f"{path}: no prompts in it")
+    return out
+
+
+def render(tok, messages) -> list[int]:
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+# ---- generation -----------------------------------------------------------------------------------
+
+def _sampling(temperature, top_p):
+    if temperature <= 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p}
+
+
+@torch.no_grad()
+def generate(model, tok, prompts, *, max_new_tokens=256, temperature=0.7, top_p=1.0, num_samples=1, batch_size=16,
+             dev=None) -> list[list[str]]:
+    """Completions [prompt][sample] for `prompts` (lists of messages), batched with left padding."""
+    dev = dev or next(model.parameters()).device
+    ids = [render(tok, m) for m in prompts]
+    jobs = [(i, k) for i in range(len(ids)) for k in range(num_samples)]
+    out = [[None] * num_samples for _ in ids]
+    for s in range(0, len(jobs), batch_size):
+        chunk = jobs[s : s + batch_size]
+        P = max(len(ids[i]) for i, _ in chunk)
+        x = torch.full((len(chunk), P), tok.pad_token_id)
+        mask = torch.zeros_like(x)
+        for r, (i, _) in enumerate(chunk):
+            x[r, P - len(ids[i]):] = torch.tensor(ids[i])
+            mask[r, P - len(ids[i]):] = 1
+        y = model.generate(input_ids=x.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                           **_sampling(temperature, top_p))
+        for r, (i, k) in enumerate(chunk):
+            comp = y[r, P:].tolist()
+            if tok.eos_token_id in comp:
+                comp = comp[: comp.index(tok.eos_token_id)]
+            out[i][k] = tok.decode(comp, skip_special_tokens=True)
+    return out
+
+
+def chat(model, tok, *, inp=sys.stdin, out=sys.stdout, max_new_tokens=512, temperature=0.7, top_p=1.0):
+    """A conversation: each line of `inp` is a user turn, the reply is streamed to `out`. Commands:
+    /reset, /system TEXT, /exit. On a terminal, prompts are shown; piped, only the replies."""
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer
+
+    interactive = inp.isatty()
+    system, history = None, []
+    if interactive:
+        print("fasttune chat: /reset starts over, /system TEXT sets the system prompt, /exit ends", file=out)
+    while True:
+        if interactive:
+            print("\n> ", end="", file=out, flush=True)
+        line = inp.readline()
+        if not line:
+            return
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            history = []
+            continue
+        if line.startswith("/system"):
+            system, history = line[len("/system"):].strip() or None, []
+            continue
+        history.append({"role": "user", "content": line})
+        msgs = ([{"role": "system", "content": system}] if system else []) + history
+        x = torch.tensor([render(tok, msgs)], device=next(model.parameters()).device)
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, streamer=streamer,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **_sampling(temperature, top_p))
+        worker = Thread(target=lambda: model.generate(**kwargs))
+        worker.start()
+        reply = []
+        for piece in streamer:
+            reply.append(piece)
+            print(piece, end="", file=out, flush=True)
+        worker.join()
+        print(file=out, flush=True)
+        history.append({"role": "assistant", "content": "".join(reply)})

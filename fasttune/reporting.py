@@ -1,0 +1,51 @@
+"""Where a run's metrics go besides metrics.jsonl, which is always written and is the source of truth:
+`run.report_to = ["tensorboard"]` (event files in OUTPUT_DIR/tensorboard) and `"wandb"` (Weights &
+Biases; `WANDB_MODE=offline` keeps it local, `WANDB_PROJECT` names the project, default "fasttune").
+Every numeric field of every metrics line is logged at its step."""
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from .config import ConfigError
+
+KNOWN = ("tensorboard", "wandb")
+
+
+class Reporters:
+    def __init__(self, names, run_dir, cfg):
+        self.tb = self.wandb = None
+        run_dir = Path(run_dir)
+        for name in names:
+            if name not in KNOWN:
+                raise ConfigError(f"run.report_to: unknown {name!r}; use {' or '.join(map(repr, KNOWN))}")
+        if "tensorboard" in names:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError('run.report_to has "tensorboard" but the tensorboard package is not installed: '
+                                  "pip install tensorboard") from None
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if "wandb" in names:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError('run.report_to has "wandb" but wandb is not installed: pip install wandb '
+                                  "(WANDB_MODE=offline keeps the logs local)") from None
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "fasttune"), dir=str(run_dir),
+                                    name=run_dir.name, config=asdict(cfg), reinit=True)
+
+    def log(self, row: dict):
+        values = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, row["step"])
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=row["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

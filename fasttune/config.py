@@ -155,6 +155,7 @@ from fasttune.kernels.grpo import LOSS_TYPES as GRPO_LOSS_TYPES  # noqa: E402 - 
 class PromptDataConfig:
     train: str = doc("", 'prompts ("prompt": a string or messages) and answer columns: JSON/JSONL, Parquet, CSV, '
                          "Arrow, datasets folder or hub id")
+    eval: str = doc("", "optional held-out prompts, same format: mean rewards every run.eval_every steps")
     columns: dict = doc({}, 'map the format\'s field names onto your columns, e.g. {instruction = "question", output = "answer"}')
     split: str = doc("train", "split of a hub dataset or a datasets folder")
     subset: str = doc("", "subset (configuration) of a hub dataset")

@@ -274,6 +274,9 @@ def parse_config(data: dict, schema=SFTConfig, text: str = "", source: str = "co
 
 def _validate(cfg, where):
     """Value checks a type cannot express."""
+    for name in getattr(getattr(cfg, "run", None), "report_to", []):
+        if name not in ("tensorboard", "wandb"):
+            raise ConfigError(f"{where('run', 'report_to')}: unknown {name!r}; use \"tensorboard\" and/or \"wandb\"")
     positive = [("train", "micro_batch_size"), ("train", "grad_accum"), ("data", "max_seq_len"), ("lora", "r"),
                 ("run", "keep"), ("run", "log_every"), ("dpo", "max_len"), ("dpo", "max_prompt_len"),
                 ("grpo", "num_generations"), ("grpo", "prompts_per_step"), ("grpo", "max_prompt_len"),

@@ -9,16 +9,10 @@ from pathlib import Path
 
 from .config import ConfigError
 
-KNOWN = ("tensorboard", "wandb")
-
-
 class Reporters:
     def __init__(self, names, run_dir, cfg):
         self.tb = self.wandb = None
         run_dir = Path(run_dir)
-        for name in names:
-            if name not in KNOWN:
-                raise ConfigError(f"run.report_to: unknown {name!r}; use {' or '.join(map(repr, KNOWN))}")
         if "tensorboard" in names:
             try:
                 from torch.utils.tensorboard import SummaryWriter

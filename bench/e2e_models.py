@@ -111,6 +111,7 @@ def _quantize_linears(model, dev, dtype, g):
                     continue
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=dtype, compress_statistics=True, quant_type="nf4", device="meta")
+                q.support_avx512bf16_for_cpu = False  # one 4-bit layout in every pass (fasttune.models.keep_4bit_layout)
                 w = torch.empty(child.out_features, child.in_features, device=dev, dtype=dtype).normal_(0.0, 0.02,
                                                                                                       generator=g)
                 q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4",

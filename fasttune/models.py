@@ -51,6 +51,20 @@ def load_tokenizer(model_cfg):
     return tok
 
 
+def keep_4bit_layout(model):
+    """Stop bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes rewrites a Linear4bit's weight in place at its first
+    forward under no_grad in eval mode (generation, evaluation, reference log-probs). That layout
+    fails on layers narrower than a quantization block (tiny test models) and rounds the scales to
+    bf16, so the same weights would give other log-probs in evaluation than in training, on some
+    machines and not others. One layout keeps every pass, and every machine, on the same numbers.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_model(cfg, dev=None, *, trainable=True, lora=True, quiet=False):
     """The model of `cfg.model` and `cfg.lora` on `dev`, with fasttune's kernels applied. `lora=False`:
     the base alone (4-bit if the run is QLoRA), as inference compares against."""
@@ -79,6 +93,8 @@ def load_model(cfg, dev=None, *, trainable=True, lora=True, quiet=False):
         raise ConfigError(f"model.path = {m.path!r} could not be loaded: {e}") from None
     if not quantized:
         model.to(dev)
+    elif dev.type == "cpu":
+        keep_4bit_layout(model)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

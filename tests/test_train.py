@@ -56,6 +56,12 @@ def test_qlora_uses_real_4bit_layers(tmp_path):
     model = load_model(config(tmp_path))
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     assert model.get_base_model().config._attn_implementation == "fasttune"
+    # eval-mode passes under no_grad keep the layout training uses (no AVX512-BF16 repacking on the CPU)
+    model.eval()
+    w = {n: p.data.clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    assert w and all(torch.equal(p.data, w[n]) for n, p in model.named_parameters() if n in w)
 
 
 @pytest.mark.parametrize("train", ["sft_alpaca.jsonl", "sft_sharegpt.json", "sft_messages.jsonl"])

@@ -24,12 +24,8 @@ from fasttune.kernels import dpo_loss, linear_logprobs
 from .batches import padded_batch
 from .checkpoint import _file_hash
 from .config import ConfigError
+from .models import final_hidden
 from .preference import load_pairs
-
-
-def _inner(model):
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return lm.model, lm.lm_head
 
 
 class DPOTask:
@@ -87,14 +83,12 @@ class DPOTask:
         return self.d.average_log_prob or self.d.loss_type == "ipo"
 
     def _hidden(self, model, batch, dev):
-        inner, head = _inner(model)
-        hidden = inner(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev)).last_hidden_state
-        return hidden.to(head.weight.dtype), head
+        return final_hidden(model, input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev))
 
     def sequence_logps(self, model, batch, dev):
         """Per-sequence label log-probs [2B], summed (or averaged, as dpo_loss does)."""
         hidden, head = self._hidden(model, batch, dev)
-        logp = linear_logprobs(hidden, head.weight, batch.shift_labels, bias=head.bias).sum(-1)
+        logp = linear_logprobs(hidden, head.weight, batch.shift_labels, bias=head.bias, softcap=head.softcap).sum(-1)
         if self.averaged:
             logp = logp / (batch.shift_labels != -100).sum(-1).clamp_min(1).to(logp.device)
         return logp
@@ -152,7 +146,8 @@ class DPOTask:
         d = self.d
         loss, s = dpo_loss(hidden, head.weight, batch.shift_labels.view(hidden.shape[:2]),
                            ref_logps=ref, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
-                           average_log_prob=d.average_log_prob, num_pairs=n_pairs, bias=head.bias)
+                           average_log_prob=d.average_log_prob, num_pairs=n_pairs, bias=head.bias,
+                           softcap=head.softcap)
         if d.sft_weight:
             per_token = s.chosen_logps if self.averaged else s.chosen_logps / s.chosen_tokens.clamp_min(1)
             loss = loss + d.sft_weight * (-per_token).sum() / n_pairs

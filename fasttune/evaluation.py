@@ -71,7 +71,7 @@ def evaluate(cfg, adapter=None, log=print) -> dict:
 def _sft(cfg, tok, model, dev, split, log):
     from .batches import epoch_plan, make_batch
     from .data import IGNORE, load_sft
-    from .dpo import _inner
+    from .models import final_hidden
     from .train import lm_loss
 
     examples, report = load_sft(getattr(cfg.data, split), tok, cfg.data)
@@ -82,17 +82,18 @@ def _sft(cfg, tok, model, dev, split, log):
     n = sum(b.trained for b in batches)
     if n == 0:
         raise ConfigError(f"data.{split} has no trained tokens to evaluate")
-    inner, head = _inner(model)
     loss, correct = 0.0, 0
     for b in batches:
         loss += float(lm_loss(model, b, n, dev))
         kwargs = b.model_kwargs(dev)
         labels = kwargs.pop("shift_labels").reshape(-1)
-        hidden = inner(**kwargs).last_hidden_state.reshape(-1, head.weight.shape[1])
+        hidden, head = final_hidden(model, **kwargs)
+        hidden = hidden.reshape(-1, head.weight.shape[1])
         rows = (labels != IGNORE).nonzero().squeeze(1)
-        for s in range(0, len(rows), 1024):  # the trained rows' logits, a chunk at a time
+        for s in range(0, len(rows), 1024):  # the trained rows' logits, a chunk at a time (argmax: softcap is monotone)
             r = rows[s : s + 1024]
-            correct += int((head(hidden[r.to(dev)].to(head.weight.dtype)).argmax(-1).cpu() == labels[r]).sum())
+            logits = torch.nn.functional.linear(hidden[r.to(dev)], head.weight, head.bias)
+            correct += int((logits.argmax(-1).cpu() == labels[r]).sum())
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_token_accuracy": correct / n,
             "eval_trained_tokens": n, "eval_examples": len(examples)}
 

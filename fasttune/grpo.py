@@ -22,7 +22,7 @@ from fasttune.kernels import grpo_loss, linear_logprobs
 from .config import ConfigError
 from .data import DataError
 from .sources import read_data
-from .dpo import _inner
+from .models import final_hidden
 from .rewards import call_reward, load_reward
 
 
@@ -220,19 +220,19 @@ class GRPOTask:
                        old_logps=None, ref_logps=None, ref_time=0.0, fresh=True)
 
     def _hidden(self, model, batch):
-        inner, head = _inner(model)
         attn = batch.attention_mask.to(self.dev)
-        pos = (attn.cumsum(-1) - 1).clamp_min(0)
-        hidden = inner(input_ids=batch.input_ids.to(self.dev), attention_mask=attn, position_ids=pos).last_hidden_state
+        pos = (attn.cumsum(-1) - 1).clamp_min(0)  # left-padded prompts: positions as generate gives them
+        hidden, head = final_hidden(model, input_ids=batch.input_ids.to(self.dev), attention_mask=attn, position_ids=pos)
         P, C = batch.prompt_len, batch.completion_ids.shape[1]
-        return hidden[:, P - 1 : P - 1 + C].to(head.weight.dtype), head
+        return hidden[:, P - 1 : P - 1 + C], head
 
     def logps(self, model, batch):
         """The completion tokens' log-probs [n, C] under `model` (no grad)."""
         with torch.no_grad():
             h, head = self._hidden(model, batch)
             labels = torch.where(batch.completion_mask, batch.completion_ids, -100)
-            return linear_logprobs(h, head.weight, labels, bias=head.bias, temperature=self.g.temperature)
+            return linear_logprobs(h, head.weight, labels, bias=head.bias, softcap=head.softcap,
+                                   temperature=self.g.temperature)
 
     # ---- the loss -------------------------------------------------------------------------------
 
@@ -246,7 +246,7 @@ class GRPOTask:
             h, head.weight, batch.completion_ids, batch.completion_mask, batch.advantages,
             old_logps=batch.old_logps, ref_logps=batch.ref_logps, beta=g.beta, epsilon_low=g.epsilon_low,
             epsilon_high=g.epsilon_high, loss_type=g.loss_type, temperature=g.temperature, num_items=n_items,
-            max_completion_len=g.max_completion_len, bias=head.bias,
+            max_completion_len=g.max_completion_len, bias=head.bias, softcap=head.softcap,
         )
         G = g.num_generations
         r = batch.rewards.view(-1, G)

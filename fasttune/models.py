@@ -51,6 +51,22 @@ def load_tokenizer(model_cfg):
     return tok
 
 
+def final_hidden(model, **inputs):
+    """(hidden, head): the final hidden states [B, T, H] of `model` (a causal LM or a PEFT model around
+    one) on `inputs`, scaled as its logits are and in the head's dtype, and its Head (weight, bias,
+    softcap), for the fused log-prob kernels. Inputs the base model's forward does not take (position
+    ids for ALiBi models) are left out."""
+    import inspect
+
+    from fasttune.kernels.hf import head_of
+
+    head = head_of(model)
+    takes = inspect.signature(head.base.forward).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+        inputs = {k: v for k, v in inputs.items() if k in takes}
+    return head.scaled(head.base(**inputs).last_hidden_state), head
+
+
 def keep_4bit_layout(model):
     """Stop bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernel.
 

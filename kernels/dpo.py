@@ -84,6 +84,7 @@ def dpo_loss(
     ignore_index: int = -100,
     num_pairs: int | torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    softcap: float | None = None,
     chunk_size: int | None = None,
     backend: str | None = None,
 ):
@@ -91,7 +92,7 @@ def dpo_loss(
     prompt and padding set to ignore_index. ref_logps [2B]: the reference's sequence log-probs,
     summed, or averaged when average_log_prob or loss_type="ipo" (None: reference-free).
     The loss is Σ pair losses / num_pairs (default B; pass the pair count of the whole
-    accumulated batch). Returns (loss, DPOStats).
+    accumulated batch). `softcap`: the model's final logit softcap (Gemma 2). Returns (loss, DPOStats).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -108,7 +109,7 @@ def dpo_loss(
     B = hidden.shape[0] // 2
     dev = hidden.device
 
-    logp = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+    logp = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, softcap=softcap,
                            chunk_size=chunk_size, backend=backend)
     tokens = (labels != ignore_index).sum(-1).to(dev, non_blocking=True)
     seq = logp.sum(-1)

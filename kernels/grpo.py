@@ -58,12 +58,14 @@ def grpo_loss(
     num_items: int | torch.Tensor | None = None,
     max_completion_len: int | None = None,
     bias: torch.Tensor | None = None,
+    softcap: float | None = None,
     chunk_size: int | None = None,
     backend: str | None = None,
 ):
     """GRPO loss: hidden [B, T, H] are the states that predict completion_ids [B, T] (shifted),
     completion_mask [B, T] marks the completion tokens, advantages [B]. old_logps / ref_logps
-    [B, T] as from `linear_logprobs`. max_completion_len (dr_grpo) defaults to T.
+    [B, T] as from `linear_logprobs`. max_completion_len (dr_grpo) defaults to T. `softcap`: the
+    model's final logit softcap (Gemma 2), applied before the temperature.
     Returns (loss, GRPOStats).
     """
     if loss_type not in LOSS_TYPES:
@@ -83,7 +85,7 @@ def grpo_loss(
 
     mask_host = completion_mask.bool()
     labels = torch.where(mask_host, completion_ids, -100)  # stays where the caller keeps it
-    logp, entropy = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+    logp, entropy = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, softcap=softcap,
                                     return_entropy=True, chunk_size=chunk_size, backend=backend)
     m = mask_host.to(dev, non_blocking=True)
     mf = m.float()

@@ -17,6 +17,7 @@ transformers is imported only when these functions are called.
 
 import contextlib
 import types
+from dataclasses import dataclass
 import warnings
 
 import torch
@@ -143,10 +144,12 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
                        inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
     """The CausalLM forward with the fused loss; without labels it is the model's own forward."""
     shift_labels = kwargs.pop("shift_labels", None)
+    if past_key_values is not None:  # newer transformers name the cache `cache`; pass on only what was given
+        kwargs["past_key_values"] = past_key_values
     if labels is None and shift_labels is None:
         return self._fasttune_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                      past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                                      use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+                                      inputs_embeds=inputs_embeds, use_cache=use_cache, logits_to_keep=logits_to_keep,
+                                      **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     num_items = kwargs.pop("num_items_in_batch", None)
@@ -155,21 +158,14 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     if router:
         kwargs["output_router_logits"] = True
     out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-    hidden = out.last_hidden_state
-    head = self.get_output_embeddings()
-    # Logit scaling is linear, so it is applied to the hidden states: Cohere multiplies the logits by
-    # logit_scale, Granite divides them by logits_scaling. A final softcap (Gemma 2) comes after.
-    scale = getattr(cfg, "logit_scale", None) or 1.0
-    if getattr(cfg, "logits_scaling", None):
-        scale = scale / cfg.logits_scaling
-    if scale != 1.0:
-        hidden = hidden * scale
+                          inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    lm = head_of(self)
+    hidden = lm.scaled(out.last_hidden_state)
     if shift_labels is None:  # as transformers' ForCausalLMLoss: token t predicts label t + 1
         shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
     loss = fused_linear_cross_entropy(
-        hidden.to(head.weight.dtype), head.weight, shift_labels, bias=head.bias,  # host labels: no sync
-        num_items=num_items, softcap=getattr(cfg, "final_logit_softcapping", None),
+        hidden, lm.weight, shift_labels, bias=lm.bias,  # host labels: no sync
+        num_items=num_items, softcap=lm.softcap,
     )
     aux = None
     if router and getattr(out, "router_logits", None) is not None:  # MoE load balancing, as the model adds it
@@ -187,6 +183,41 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     return CausalLMOutputWithPast(**fields)
 
 
+@dataclass
+class Head:
+    """What turns a causal LM's final hidden states into its logits, for the fused kernels:
+    logits = softcap(scale * hidden @ weight.T + bias). `base` gives the final hidden states."""
+
+    base: torch.nn.Module
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    scale: float
+    softcap: float | None
+
+    def scaled(self, hidden):
+        """hidden × scale, in the head's dtype: logit scaling is linear, so it goes on the hidden states."""
+        hidden = hidden * self.scale if self.scale != 1.0 else hidden
+        return hidden.to(self.weight.dtype)
+
+
+def head_of(model) -> Head:
+    """The Head of a transformers causal LM, or of a PEFT model around one. Cohere multiplies the
+    logits by `logit_scale`, Granite divides them by `logits_scaling`; Gemma 2 softcaps them last."""
+    lm = _causal_lm(model)
+    cfg = lm.config
+    base = lm.base_model if lm.base_model is not lm else lm.get_decoder()
+    head = lm.get_output_embeddings()
+    if base is lm or not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"{type(lm).__name__} has no base model with a linear output head")
+    scale = getattr(cfg, "logit_scale", None) or 1.0
+    if getattr(cfg, "logits_scaling", None):
+        scale = scale / cfg.logits_scaling
+    return Head(base, head.weight, head.bias, float(scale), getattr(cfg, "final_logit_softcapping", None))
+
+
+ATTENTION_LAYERS = {"full_attention", "sliding_attention"}  # config.layer_types the kernel computes
+
+
 def unsupported(model) -> str | None:
     """Why `apply` cannot handle this model, or None. It handles a causal LM whose attention goes
     through transformers' attention interface and whose head is a plain Linear over a base model."""
@@ -199,6 +230,13 @@ def unsupported(model) -> str | None:
         return f"{name} does not route its attention through transformers' attention interface"
     if getattr(lm, "base_model", lm) is lm:
         return f"{name} has no base model under its head"
+    # token mixing other than softmax attention (LFM2's convolutions, linear attention, Mamba) would
+    # carry state across packed samples; attention sinks (GPT-OSS) change the softmax itself
+    others = set(getattr(cfg, "layer_types", None) or ()) - ATTENTION_LAYERS
+    if others:
+        return f"{name} has {', '.join(sorted(others))} layers besides attention"
+    if any(getattr(m, "sinks", None) is not None for m in lm.modules()):
+        return f"{name} uses attention sinks"
     return None
 
 

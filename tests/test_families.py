@@ -23,6 +23,10 @@ ARCHITECTURES = {
     "gemma3": lambda V: transformers.Gemma3TextConfig(vocab_size=V, head_dim=8, query_pre_attn_scalar=8,
                                                       sliding_window=16, **SMALL),
     "mistral": lambda V: transformers.MistralConfig(vocab_size=V, sliding_window=64, **SMALL),
+    "qwen2.5": lambda V: transformers.Qwen2Config(vocab_size=V, **SMALL),
+    "gemma2": lambda V: transformers.Gemma2Config(vocab_size=V, head_dim=8, query_pre_attn_scalar=8, sliding_window=16,
+                                                  attn_logit_softcapping=50.0, final_logit_softcapping=30.0, **SMALL),
+    "phi3": lambda V: transformers.Phi3Config(vocab_size=V, **SMALL),
     "deepseek_v3": lambda V: transformers.DeepseekV3Config(
         vocab_size=V, **{**SMALL, "num_key_value_heads": 4}, moe_intermediate_size=16, n_routed_experts=4,
         num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
@@ -73,7 +77,8 @@ def test_grpo(folder, tmp_path):
 
 def test_a_model_apply_cannot_handle(tmp_path):
     """Bloom computes attention outside transformers' interface: packing is refused with one line
-    naming the key; padded, it trains on its own attention and loss."""
+    naming the key; padded, it trains on its own attention and loss. DPO and GRPO (padded batches)
+    train it too."""
     tok = real_tokenizers.load("llama3")
     cfg = transformers.BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4,
                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
@@ -84,6 +89,10 @@ def test_a_model_apply_cannot_handle(tmp_path):
     with pytest.raises(AssertionError, match="exited 2"):
         _run("sft", folder, tmp_path / "packed", "sft_alpaca.jsonl", ['data.eval=""'])
     _run("sft", folder, tmp_path, "sft_alpaca.jsonl", ['data.eval=""', "data.packing=false", "train.micro_batch_size=2"])
+    # DPO and GRPO take the final hidden states from the model's own base (ALiBi: no position ids)
+    _run("dpo", folder, tmp_path, "dpo_pairs.jsonl", ['data.eval=""', "train.micro_batch_size=2"])
+    _run("grpo", folder, tmp_path, "grpo_arithmetic.jsonl",
+         ["grpo.num_generations=2", "grpo.max_completion_len=6", "grpo.num_iterations=1", 'data.eval=""'])
 
 
 def test_remote_code_needs_the_key(tmp_path, capsys):

@@ -11,6 +11,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 import fasttune.kernels as K
+from fasttune.kernels.hf import head_of
 from reference import rel_err
 
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -34,8 +35,7 @@ FAMILIES = {
                                                          q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16,
                                                          v_head_dim=16, first_k_dense_replace=1, n_group=1, topk_group=1),
 }
-# Logit scaling read from the config (Granite divides the logits by logits_scaling). Only the patched
-# loss is checked: Granite's packed losses differ from one-by-one ones by ~0.4%, not yet explained.
+# Logit scaling read from the config (Granite divides the logits by logits_scaling)
 SCALED = {"granite": lambda: transformers.GraniteConfig(**COMMON, logits_scaling=4.0)}
 BACKENDS = ["torch", "triton"]
 
@@ -56,7 +56,7 @@ def backend(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(FAMILIES) + list(SCALED))
 @pytest.mark.parametrize("via", ["position_ids", "cu_seq_lens"])
 def test_packed_equals_one_by_one(family, via, backend):
     """A packed row of 3 samples: same per-sample losses and same gradients as 3 separate runs."""
@@ -91,10 +91,10 @@ def test_packed_equals_one_by_one(family, via, backend):
 
     # per-sample losses from the packed run's hidden states
     with torch.no_grad():
-        hidden = model.model(ids, **kw).last_hidden_state[0]
+        head = head_of(model)
+        hidden = head.scaled(head.base(ids, **kw).last_hidden_state[0])
         shifted = torch.cat([labels[0, 1:], torch.tensor([-100])])
-        tok = K.fused_linear_cross_entropy(hidden, model.lm_head.weight, shifted, reduction="none",
-                                           softcap=getattr(model.config, "final_logit_softcapping", None))
+        tok = K.fused_linear_cross_entropy(hidden, head.weight, shifted, reduction="none", softcap=head.softcap)
         sums = torch.stack([p.sum() for p in tok.split(lens)]) / n_items
     assert rel_err(sums, torch.stack(per_sample)) < 1e-5
 
@@ -196,3 +196,43 @@ def test_custom_4d_mask_is_honoured():
     with K.applied(model):
         got = model(ids, attention_mask=mask4d).logits
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["gemma2", "granite", "llama"])
+def test_head_log_probs_equal_the_model_logits(family):
+    """The fused log-probs DPO and GRPO use (final_hidden + linear_logprobs with the head's softcap and
+    logit scaling) equal log_softmax of the model's own logits, unpatched and on a PEFT model."""
+    from peft import LoraConfig, get_peft_model
+
+    from fasttune.models import final_hidden
+
+    model = model_of(family)
+    ids = torch.randint(0, 97, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding, as GRPO's prompts
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1)
+    with torch.no_grad():
+        want = torch.log_softmax(model(ids, attention_mask=mask, position_ids=pos).logits.double(), -1)
+        want = want[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        for m in (model, K.apply(get_peft_model(model, LoraConfig(r=4, target_modules="all-linear")))):
+            hidden, head = final_hidden(m, input_ids=ids, attention_mask=mask, position_ids=pos)
+            got = K.linear_logprobs(hidden, head.weight, labels, bias=head.bias, softcap=head.softcap)
+            ok = mask[:, :-1].bool()  # the state at t is real
+            assert rel_err(got[:, :-1][ok], want[ok]) < 1e-5
+
+
+@pytest.mark.parametrize("family,why", [
+    ("gpt_oss", "attention sinks"),  # its softmax has a sink term the kernel does not compute
+    ("lfm2", "conv layers besides attention"),  # convolutions would carry state across packed samples
+])
+def test_models_apply_would_get_wrong_are_refused(family, why):
+    from fasttune.kernels.hf import unsupported
+
+    cfg = {
+        "gpt_oss": lambda: transformers.GptOssConfig(**COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                                     layer_types=["sliding_attention", "full_attention"]),
+        "lfm2": lambda: transformers.Lfm2Config(**{k: v for k, v in COMMON.items() if k != "tie_word_embeddings"},
+                                                layer_types=["conv", "full_attention"]),
+    }[family]()
+    assert why in unsupported(AutoModelForCausalLM.from_config(cfg))

@@ -245,9 +245,11 @@ def tokenize_conversation(tokenizer, messages, *, train_on="assistant", trainabl
     template printed it, its reasoning, its end-of-turn token), mapped onto tokens by character
     offsets: a token is trained if it overlaps the span. Role headers, template boilerplate and other
     messages are never trained. Messages before `train_from` (a preference pair's prompt) are not
-    trained, and then the ids are the tokenization of the prompt as rendered with the generation
-    prompt followed by that of the rest, so the prompt's tokens are what inference feeds the model
-    whatever the response.
+    trained; the prompt as rendered with the generation prompt must then be the start of the rendering,
+    and its tokenization the start of the ids, so that the prompt's tokens are what inference feeds
+    the model whatever the response. Where the response's first characters merge with the prompt's
+    last token (a SentencePiece word boundary, a newline after a header's newline), the record is
+    refused (TemplateError), never tokenized in pieces.
     """
     trained_roles = {"assistant", *trainable_roles}
     candidates = [i for i, m in enumerate(messages) if m["role"] in trained_roles and i >= train_from]
@@ -262,12 +264,13 @@ def tokenize_conversation(tokenizer, messages, *, train_on="assistant", trainabl
             raise TemplateError(f"{where}: the chat template renders the prompt with the generation prompt differently "
                                 "from the start of the whole conversation, so the pair cannot share its prompt")
         cut = len(prompt)
-    ids, offsets = [], []
-    for start, text in ((0, full[:cut]), (cut, full[cut:])):
-        if text:
-            piece_ids, piece_offsets = _tokenize(tokenizer, text, where)
-            ids += piece_ids
-            offsets += [(start + a, start + b) for a, b in piece_offsets]
+    ids, offsets = _tokenize(tokenizer, full, where)
+    if cut:
+        prompt_ids = _tokenize(tokenizer, full[:cut], where)[0]
+        if ids[: len(prompt_ids)] != prompt_ids or (len(ids) > len(prompt_ids) and offsets[len(prompt_ids)][0] < cut):
+            raise TemplateError(f"{where}: the response's first characters {full[cut:cut + 8]!r} merge with the end of "
+                                "the prompt into one token, so the pair's tokens cannot start with the prompt as "
+                                "inference tokenizes it; edit the response's start (a leading space or newline)")
     if train_on == "all":
         return ids, [t if a >= cut else IGNORE for t, (a, _) in zip(ids, offsets)]
     labels = [t if any(max(a, s) < min(b, e) for s, e in spans) else IGNORE for t, (a, b) in zip(ids, offsets)]

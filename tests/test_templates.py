@@ -52,6 +52,48 @@ def _norm(text):
     return "".join(text.split())
 
 
+TRIMMED = {"llama3", "gemma3", "gemma2"}  # these templates print every message's content stripped
+
+
+def _printed(fam, msgs, i):
+    """Message i's content as the family's template prints it (read off the templates): Llama 3 and
+    Gemma strip it, Qwen3 drops the newlines that open an answer after the last user turn (it prints
+    a think block before it), the others print it as it is."""
+    text = msgs[i]["content"]
+    if fam in TRIMMED:
+        return text.strip()
+    last_user = max(j for j, m in enumerate(msgs) if m["role"] == U)
+    if fam == "qwen3" and msgs[i]["role"] == A and i > last_user:
+        return text.lstrip("\n")
+    return text
+
+
+def expected_trained(tok, fam, msgs, rendered, first=0):
+    """The token positions that must be trained: those overlapping an assistant message's content as
+    printed, plus its end-of-turn token. Located here by searching the rendering in order for what the
+    template is known to print (the code under test never searches for a response), so it checks the
+    sentinel matching independently."""
+    eot = EOT[fam]
+    enc = tok(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    spans, cursor = [], 0
+    for i, m in enumerate(msgs):
+        text = _printed(fam, msgs, i)
+        if m["role"] != A:
+            cursor = rendered.index(text, cursor) + len(text)
+            cursor += len(eot) if rendered.startswith(eot, cursor) else 0  # the turn's own end, if it has one
+            continue
+        at = rendered.index(eot, rendered.index(text, cursor) + len(text) if text else cursor)
+        assert rendered[at - len(text) : at] == text, (rendered[cursor : at + len(eot)], text)
+        if i >= first:
+            spans.append((at - len(text), at + len(eot)))
+        cursor = at + len(eot)
+    return {j for j, (a, b) in enumerate(enc["offset_mapping"]) if any(max(a, s) < min(b, e) for s, e in spans)}
+
+
+def _trained(labels):
+    return {j for j, lab in enumerate(labels) if lab != IGNORE}
+
+
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
 def test_ids_and_masks(family, name):
     fam, tok = family
@@ -63,6 +105,8 @@ def test_ids_and_masks(family, name):
     ids, labels = tokenize_conversation(tok, msgs, where="rec")
     rendered = tok.apply_chat_template(msgs, tokenize=False)
     assert ids == tok(rendered, add_special_tokens=False)["input_ids"]
+    assert all(lab == t for t, lab in zip(ids, labels) if lab != IGNORE)
+    assert _trained(labels) == expected_trained(tok, fam, msgs, rendered), [tok.decode(r) for r in _runs(ids, labels)]
     runs = _runs(ids, labels)
     answers = [m["content"] for m in msgs if m["role"] == A]
     assert len(runs) == len(answers), [tok.decode(r) for r in runs]
@@ -74,25 +118,44 @@ def test_train_on_last_and_all(family):
     fam, tok = family
     msgs = _msgs(CONVERSATIONS["multi_turn"])
     ids, labels = tokenize_conversation(tok, msgs, train_on="last_assistant")
-    runs = _runs(ids, labels)
-    assert len(runs) == 1 and _norm(tok.decode(runs[0])) == _norm("One, two, three.") + EOT[fam]
+    rendered = tok.apply_chat_template(msgs, tokenize=False)
+    assert _trained(labels) == expected_trained(tok, fam, msgs, rendered, first=3)
     ids, labels = tokenize_conversation(tok, msgs, train_on="all")
     assert labels == ids
 
 
-def test_pair_prompt_is_the_generation_prompt(family):
-    """A preference pair's prompt tokens are the same on both sides and equal to the tokenization of
-    the prompt rendered with the generation prompt."""
+@pytest.mark.parametrize("answer", ["5 is larger.", "It is 3", "\nnl", " spaced"])
+def test_pair_prompt_is_the_generation_prompt(family, answer):
+    """A preference pair's ids are the tokenization of its whole rendering, and start with the
+    tokenization of the prompt rendered with the generation prompt (so both sides share it, as
+    inference feeds it). A response whose start merges with the prompt's last token (SentencePiece's
+    word boundary, Qwen's newlines) cannot have both, and is refused."""
     fam, tok = family
     prompt = _msgs([(U, "Which is larger, 3 or 5?")])
+    msgs = prompt + _msgs([(A, answer)])
     prompt_ids = tok(tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
                      add_special_tokens=False)["input_ids"]
-    for answer in ("5 is larger.", "It is 3"):
-        ids, labels = tokenize_conversation(tok, prompt + _msgs([(A, answer)]), train_from=1)
-        assert ids[: len(prompt_ids)] == prompt_ids
-        assert all(lab == IGNORE for lab in labels[: len(prompt_ids)])
-        runs = _runs(ids, labels)
-        assert len(runs) == 1 and _norm(tok.decode(runs[0])) == _norm(answer) + EOT[fam]
+    rendered = tok.apply_chat_template(msgs, tokenize=False)
+    whole = tok(rendered, add_special_tokens=False)["input_ids"]
+    if whole[: len(prompt_ids)] != prompt_ids:
+        with pytest.raises(TemplateError, match="merge with the end of the prompt"):
+            tokenize_conversation(tok, msgs, train_from=1, where="rec")
+        return
+    ids, labels = tokenize_conversation(tok, msgs, train_from=1)
+    assert ids == whole and ids[: len(prompt_ids)] == prompt_ids
+    assert all(lab == IGNORE for lab in labels[: len(prompt_ids)])
+    assert _trained(labels) == expected_trained(tok, fam, msgs, rendered, first=1)
+
+
+def test_sentencepiece_response_after_inst_is_tokenized_as_inference_sees_it():
+    """The bug this replaced: on Mistral's [INST] template each piece was tokenized alone, so the
+    answer after [/INST] became '▁It' where the whole conversation has 'It'."""
+    tok = real_tokenizers.load("mistral")
+    msgs = _msgs([(U, "Which is larger?"), (A, "It is 5")])
+    for train_from in (0, 1):
+        ids, labels = tokenize_conversation(tok, msgs, train_from=train_from)
+        assert ids == tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+        assert tok.convert_ids_to_tokens([i for i, lab in zip(ids, labels) if lab != IGNORE])[0] == "It"
 
 
 def test_qwen3_reasoning_and_history(tmp_path):

@@ -136,7 +136,8 @@ class TemplateError(DataError):
     skipped and counted, not the run stopped."""
 
 
-def _render(tokenizer, messages, add_generation_prompt=False, where="") -> str:
+def render(tokenizer, messages, add_generation_prompt=False, where="") -> str:
+    """The chat template's text of `messages`; a template that refuses them raises TemplateError."""
     from jinja2 import TemplateError as JinjaError
 
     try:
@@ -197,7 +198,7 @@ def trained_spans(tokenizer, messages, full, trained, where) -> list[tuple[int, 
             if probe[i].get(field) or (field == "content" and field in probe[i]):
                 values.append((i, field, probe[i][field]))
                 probe[i][field] = _sentinel(i, field[0])
-    marked = _render(tokenizer, probe, where=where)
+    marked = render(tokenizer, probe, where=where)
     for i, f, _ in values:
         if marked.count(_sentinel(i, f[0])) > 1:
             raise TemplateError(f"{where}: the chat template prints the {f} of message {i} more than once")
@@ -255,11 +256,11 @@ def tokenize_conversation(tokenizer, messages, *, train_on="assistant", trainabl
     candidates = [i for i, m in enumerate(messages) if m["role"] in trained_roles and i >= train_from]
     if train_on == "last_assistant":
         candidates = candidates[-1:]
-    full = _render(tokenizer, messages, where=where)
+    full = render(tokenizer, messages, where=where)
     spans = [] if train_on == "all" else trained_spans(tokenizer, messages, full, candidates, where)
     cut = 0
     if train_from:
-        prompt = _render(tokenizer, messages[:train_from], add_generation_prompt=True, where=where)
+        prompt = render(tokenizer, messages[:train_from], add_generation_prompt=True, where=where)
         if not full.startswith(prompt):
             raise TemplateError(f"{where}: the chat template renders the prompt with the generation prompt differently "
                                 "from the start of the whole conversation, so the pair cannot share its prompt")

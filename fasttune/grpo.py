@@ -20,7 +20,7 @@ import torch
 from fasttune.kernels import grpo_loss, linear_logprobs
 
 from .config import ConfigError
-from .data import DataError
+from .data import DataError, TemplateError, render
 from .sources import read_data
 from .models import final_hidden
 from .rewards import call_reward, load_reward
@@ -57,7 +57,7 @@ class GRPOTask:
         self.weights = list(g.reward_weights) or [1.0] * len(self.funcs)
         if len(self.weights) != len(self.funcs):
             raise ConfigError(f"grpo.reward_weights has {len(self.weights)} values for {len(self.funcs)} reward functions")
-        self.prompts = self._load_prompts(cfg.data.train)
+        self.prompts = self._load_prompts(cfg.data.train, log)
         log(f"{cfg.data.train}: {len(self.prompts)} prompts; {g.num_generations} completions each, "
             f"{g.prompts_per_step} prompts per micro-batch; rewards: " +
             ", ".join(f"{w} × {s}" for (s, _), w in zip(self.funcs, self.weights)))
@@ -84,8 +84,10 @@ class GRPOTask:
 
     # ---- data and rewards -----------------------------------------------------------------------
 
-    def _load_prompts(self, path):
-        out = []
+    def _load_prompts(self, path, log=None):
+        """The prompts of `path`, rendered with the generation prompt. A prompt the chat template
+        refuses is skipped and counted; one over max_prompt_len keeps its end and is counted."""
+        out, skipped, cut = [], [], 0
         for where, rec in read_data(path, self.cfg.data):
             if "prompt" in rec:
                 p = rec["prompt"]
@@ -97,14 +99,24 @@ class GRPOTask:
             if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
                 raise DataError(f"{where}: the prompt must be a string or a list of {{role, content}} messages")
             msgs = [{"role": self.cfg.data.roles.get(m["role"], m["role"]), "content": m["content"]} for m in msgs]
-            text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            ids = self.tok(text, add_special_tokens=False)["input_ids"][-self.g.max_prompt_len:]
+            try:
+                text = render(self.tok, msgs, add_generation_prompt=True, where=where)
+            except TemplateError as e:
+                skipped.append(str(e))
+                continue
+            ids = self.tok(text, add_special_tokens=False)["input_ids"]
+            cut += len(ids) > self.g.max_prompt_len
             columns = {k: v for k, v in rec.items() if k not in ("prompt", "messages")}
             conversational = not isinstance(rec.get("prompt"), str)  # messages, as TRL calls such prompts
-            out.append({"ids": ids, "text": text, "messages": msgs, "conversational": conversational,
+            # reward functions get what TRL passes them: the messages, or the prompt string as written
+            out.append({"ids": ids[-self.g.max_prompt_len:], "text": text, "messages": msgs,
+                        "raw": msgs if conversational else rec["prompt"], "conversational": conversational,
                         "columns": columns, "where": where})
+        if log and (skipped or cut):
+            log(f"{path}: {len(skipped)} prompts skipped" + (f" (first: {skipped[0]})" if skipped else "")
+                + f"; {cut} over grpo.max_prompt_len = {self.g.max_prompt_len} keep their last tokens")
         if not out:
-            raise DataError(f"{path}: no prompts")
+            raise DataError(f"{path}: no usable prompt" + (f" ({len(skipped)} skipped: {skipped[0]})" if skipped else ""))
         keys = set(out[0]["columns"])
         for p in out:
             if set(p["columns"]) != keys:
@@ -121,17 +133,17 @@ class GRPOTask:
     def rewards(self, prompts, completions, columns, completion_ids):
         """[n, len(funcs)] raw rewards and [n] weighted total. The functions are called as TRL's
         GRPOTrainer calls them: prompts and completions as message lists when the prompts are
-        conversational (completions as [{"role": "assistant", "content": ...}]), else as text, the other
+        conversational (completions as [{"role": "assistant", "content": ...}]), else as written, the other
         columns and `completion_ids` as keyword arguments."""
+        prompts_in = [p["raw"] for p in prompts]
         if prompts[0]["conversational"]:
-            prompts_in = [p["messages"] for p in prompts]
             completions_in = [[{"role": "assistant", "content": c}] for c in completions]
         else:
-            prompts_in, completions_in = [p["text"] for p in prompts], completions
+            completions_in = completions
         columns = {**columns, "completion_ids": completion_ids}
         per = [call_reward(fn, spec, prompts_in, completions_in, columns) for spec, fn in self.funcs]
-        raw = torch.tensor(per, dtype=torch.float32).T
-        return raw, raw @ torch.tensor(self.weights, dtype=torch.float32)
+        raw = torch.tensor(per, dtype=torch.float32).T  # NaN where a function returned None (not applicable)
+        return raw, raw.nan_to_num(0.0) @ torch.tensor(self.weights, dtype=torch.float32)  # TRL's nansum
 
     def advantages(self, total):
         """Per-completion advantages from [P * G] rewards, grouped by prompt."""
@@ -262,7 +274,7 @@ class GRPOTask:
         }
         batch.fresh = False
         for (spec, _), col in zip(self.funcs, batch.raw.T):
-            stats[f"reward/{spec}"] = col.mean()
+            stats[f"reward/{spec}"] = col.nanmean() if not col.isnan().all() else col.new_zeros(())  # None: not applicable
         return loss, stats
 
     def evaluate(self, model, dev, autocast):
@@ -285,7 +297,7 @@ def score(task, model, prompts) -> dict:
         lengths.append(b.lengths.float())
     raw = torch.cat(raw)
     out = {"eval_reward": float(torch.cat(total).mean())}
-    out.update({f"eval_reward/{spec}": float(col.mean()) for (spec, _), col in zip(task.funcs, raw.T)})
+    out.update({f"eval_reward/{spec}": float(col.nanmean()) for (spec, _), col in zip(task.funcs, raw.T)})
     out["eval_completion_len"] = float(torch.cat(lengths).mean())
     return out
 

@@ -110,6 +110,9 @@ def call_reward(fn, name, prompts, completions, columns):
         raise TrainingError(f"reward function {name} returned {len(out)} values for {len(completions)} completions")
     vals = []
     for i, v in enumerate(out):
+        if v is None:  # TRL's "does not apply to this sample": left out of the sum and of the means
+            vals.append(math.nan)
+            continue
         try:
             v = float(v)
         except (TypeError, ValueError):

@@ -49,7 +49,9 @@ def _dataset(spec, path, data_cfg):
                     raise DataError(f"{spec}: no split {split!r} (it has {', '.join(ds)}); set data.split")
                 ds = ds[split]
             return ds
-        hub_id = not path.is_absolute() and not spec.startswith((".", "~")) and spec.count("/") == 1 and not path.suffix
+        # org/name, where a name may hold dots (teknium/OpenHermes-2.5) but not a data file's suffix
+        hub_id = (not path.is_absolute() and not spec.startswith((".", "~")) and spec.count("/") == 1
+                  and path.suffix not in (*TABLES, ".json", ".jsonl", ".txt"))
         if not path.exists() and not hub_id:
             raise DataError(f"{spec}: no such file, folder or hub dataset (a hub id looks like org/name)")
         return datasets.load_dataset(spec, subset, split=split)  # a folder of data files, or a hub id

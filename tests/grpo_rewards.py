@@ -35,3 +35,15 @@ def fails_on_rank_1(prompts, completions, **_):
     if os.environ.get("RANK") == "1" and completions != ["Answer: 0"] * len(completions):
         raise ValueError("rank 1 met a record it cannot score")
     return [0.0] * len(completions)
+
+
+def trl_plain(prompts, completions, **kwargs):
+    """TRL's standard (not conversational) format: the prompt strings as written in the data, no template."""
+    assert all(isinstance(p, str) and "<|im_start|>" not in p for p in prompts), prompts[0]
+    assert all(isinstance(c, str) for c in completions)
+    return [float(len(c)) for c in completions]
+
+
+def only_even(prompts, completions, **_):
+    """None where it does not apply (as TRL allows): every second completion."""
+    return [1.0 if i % 2 == 0 else None for i in range(len(completions))]

@@ -174,3 +174,26 @@ def test_trl_reward_functions_work_unchanged(tmp_path):
     summary = train_grpo(cfg, log=quiet)
     assert summary["steps"] == 1
     assert math_answer(None, [[{"role": "assistant", "content": "so 12"}]], [12]) == [1.0]
+
+
+def test_string_prompts_reach_rewards_as_written_and_none_is_not_applicable(tmp_path):
+    """TRL passes standard-format prompts to reward functions as the strings in the data (no chat
+    template), and a reward of None leaves that function out of the sample's sum and of its mean."""
+    cfg, task, model = task_and_model(tmp_path, f'grpo.reward_funcs=["{REWARDS}:trl_plain", "{REWARDS}:only_even"]',
+                                      "grpo.reward_weights=[1.0, 10.0]")
+    raw, total = task.rewards(task.prompts[:2], ["ab", "abcd"], {"answer": [1, 2]}, [[1], [2]])
+    assert torch.isnan(raw[1, 1]) and total.tolist() == [2.0 + 10.0, 4.0]
+
+
+def test_prompts_the_template_refuses_are_skipped_and_counted(tmp_path):
+    """A system prompt on a template that allows user/assistant only (Mistral's [INST]) is one skipped
+    prompt in the summary, not a traceback."""
+    import real_tokenizers
+
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1?", "answer": 2}) + "\n" + json.dumps(
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}], "answer": 4}) + "\n")
+    cfg = config(tmp_path, f'data.train={json.dumps(str(data))}')
+    lines = []
+    task = GRPOTask(cfg, real_tokenizers.load("mistral"), lines.append)
+    assert len(task.prompts) == 1 and any("1 prompts skipped" in m and "p.jsonl:2" in m for m in lines), lines

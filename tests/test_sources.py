@@ -87,3 +87,26 @@ def test_errors_name_the_source_and_the_column(files, tmp_path):
     (tmp_path / "x.txt").write_text("hello")
     with pytest.raises(DataError, match="unknown file type"):
         read_data(str(tmp_path / "x.txt"), DataConfig())
+
+
+def test_hub_ids_with_subset_and_split(tmp_path, monkeypatch):
+    """`org/name` goes through `datasets.load_dataset(spec, data.subset, split=data.split)`, the call a
+    hub id takes. datasets resolves such an id to a folder of that name under the working directory
+    before it asks the hub, so a repository laid out as on the hub (subsets declared in its README)
+    exercises the whole path offline. A dotted name is a hub id too, not a missing file."""
+    repo = tmp_path / "myorg" / "math-v1.5"
+    for subset, rows in (("easy", ROWS[:3]), ("hard", ROWS[3:8])):
+        (repo / subset).mkdir(parents=True)
+        for split, part in (("train", rows), ("test", rows[:1])):
+            (repo / subset / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    (repo / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {s}\n  data_files:\n  - split: train\n    path: {s}/train.jsonl\n"
+        f"  - split: test\n    path: {s}/test.jsonl\n" for s in ("easy", "hard")) + "---\n")
+    monkeypatch.chdir(tmp_path)
+    got = read_data("myorg/math-v1.5", DataConfig(subset="hard"))
+    assert [r for _, r in got] == ROWS[3:8] and got[0][0] == "myorg/math-v1.5: row 0"
+    assert [r for _, r in read_data("myorg/math-v1.5", DataConfig(subset="easy", split="test"))] == ROWS[:1]
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no hub here: the call must still be made
+    with pytest.raises(DataError, match="teknium/OpenHermes-2.5: cannot read it with the datasets library"):
+        read_data("teknium/OpenHermes-2.5", DataConfig())

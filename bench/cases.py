@@ -332,6 +332,8 @@ def _sft_ranks_case(provider, shape, dtype):
     if provider != "fasttune":
         raise Unavailable(f"no provider {provider!r} for the torchrun smoke run")
     r = shape["ranks"]
+    if torch.cuda.is_available() and r > torch.cuda.device_count():
+        raise Unavailable(f"{r} ranks need {r} GPUs; this machine has {torch.cuda.device_count()}")
     return _example_run("sft", "sft.toml", "sft_alpaca.jsonl", shape["steps"], 'data.eval=""',
                         f"train.grad_accum={2 // r}", nproc=r)
 

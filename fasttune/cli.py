@@ -49,8 +49,9 @@ def _launch(args) -> int:
     """`--nproc N`: this command again, on N processes of this machine under torchrun. The config is
     checked here first, so a mistake is one line, not one per process."""
     from fasttune.config import load_config
+    from fasttune.distributed import mode_for
 
-    load_config(args.config, args.set)
+    mode_for(load_config(args.config, args.set), launched=True)  # a parallel mode it refuses: one line, here
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
             "-m", "fasttune", args.command, args.config, *[x for s in args.set for x in ("--set", s)]]
     # PYTHONSAFEPATH: a `kernels` folder in the working directory must not shadow Hugging Face's package
@@ -178,12 +179,29 @@ def _merge(args) -> int:
     return 0
 
 
+def _check_sampling(args):
+    """The sampling flags, each a clear error when out of range (before any model is loaded)."""
+    from fasttune.config import ConfigError
+
+    bad = [(f, v, want) for f, v, want, ok in (
+        ("--max-new-tokens", args.max_new_tokens, "at least 1", args.max_new_tokens >= 1),
+        ("--temperature", args.temperature, "0 (greedy) or more", args.temperature >= 0),
+        ("--top-p", args.top_p, "in (0, 1]", 0 < args.top_p <= 1),
+        ("--num-samples", getattr(args, "num_samples", 1), "at least 1", getattr(args, "num_samples", 1) >= 1),
+        ("--batch-size", getattr(args, "batch_size", 1), "at least 1", getattr(args, "batch_size", 1) >= 1),
+    ) if not ok]
+    if bad:
+        f, v, want = bad[0]
+        raise ConfigError(f"{f} {v}: must be {want}")
+
+
 def _generate(args) -> int:
     import json
 
     from fasttune.infer import generate, load, read_prompts
     from fasttune.models import device
 
+    _check_sampling(args)
     prompts = read_prompts(args.prompts)  # a bad file fails before the model is loaded
     loaded = load(args.target, device(), base=args.base)
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
@@ -206,6 +224,7 @@ def _chat(args) -> int:
     from fasttune.infer import chat, load
     from fasttune.models import device
 
+    _check_sampling(args)
     loaded = load(args.target, device(), base=args.base)
     if sys.stdin.isatty():
         print(f"model: {loaded.what}")

@@ -185,6 +185,27 @@ def _end_of_turn(tokenizer, text) -> int:
     return best[1] if best else 0
 
 
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """The ids that end a generated reply: the tokenizer's eos, the model's generation_config eos ids,
+    and the token the chat template ends an assistant turn with (which training teaches; <|im_end|> on a
+    Qwen base whose eos is <|endoftext|>, <end_of_turn> where Gemma's eos is <eos>)."""
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += extra if isinstance(extra, list) else [extra]
+    probe = _sentinel(0, "c")
+    try:
+        text = render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}])
+    except (TemplateError, ValueError):
+        text = ""
+    if probe in text:
+        after = text.split(probe, 1)[1]
+        marker = after[: _end_of_turn(tokenizer, after)].strip()
+        if marker:
+            ids.append(tokenizer.convert_tokens_to_ids(marker))
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return list(dict.fromkeys(i for i in ids if isinstance(i, int) and i != unk))
+
+
 def trained_spans(tokenizer, messages, full, trained, where) -> list[tuple[int, int]]:
     """Character spans of `full` (the rendering of `messages`) that the messages `trained` occupy: each
     from its first printed field (`reasoning_content`, else the content) to the end of its content and

@@ -144,6 +144,10 @@ def start() -> Dist:
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()
+    if cuda and local >= torch.cuda.device_count():
+        raise ConfigError(f"process {local} of this machine has no GPU of its own: {torch.cuda.device_count()} visible, "
+                          f"{os.environ.get('LOCAL_WORLD_SIZE', world)} processes; start at most one process per GPU "
+                          "(--nproc), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on CPU processes")
     if cuda:
         torch.cuda.set_device(local)
     dev = torch.device("cuda", local) if cuda else torch.device("cpu")

@@ -20,7 +20,7 @@ import torch
 from fasttune.kernels import grpo_loss, linear_logprobs
 
 from .config import ConfigError
-from .data import DataError, TemplateError, render
+from .data import DataError, TemplateError, render, stop_token_ids
 from .sources import read_data
 from .models import final_hidden
 from .rewards import call_reward, load_reward
@@ -81,6 +81,7 @@ class GRPOTask:
         self.stream = Stream(plan, self._rollout_for)
         self._cache, self._cache_size = {}, t.grad_accum
         self.model = self.dev = self.run = self.eval_prompts = None
+        self.stops = [tok.eos_token_id]
 
     # ---- data and rewards -----------------------------------------------------------------------
 
@@ -160,6 +161,7 @@ class GRPOTask:
 
     def setup(self, model, dev, run_dir, dist=None):
         self.model, self.dev = model, dev
+        self.stops = stop_token_ids(self.tok, model)  # eos and the template's end of turn
 
     def _rollout_for(self, item):
         epoch, k, group = item
@@ -205,13 +207,13 @@ class GRPOTask:
         model.eval()
         out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True,
                              temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_completion_len,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                             eos_token_id=self.stops, pad_token_id=tok.pad_token_id,
                              synced_gpus=_sharded(self.run))
         if was_training:
             model.train()
         comp = out[:, P:].cpu()
         C = comp.shape[1]
-        is_eos = comp == tok.eos_token_id
+        is_eos = torch.isin(comp, torch.tensor(self.stops))
         ended = is_eos.any(1)
         first_eos = torch.where(ended, is_eos.int().argmax(1), torch.full((len(comp),), C))
         cmask = torch.arange(C)[None, :] <= first_eos[:, None]  # through the end-of-turn token

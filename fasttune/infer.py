@@ -18,7 +18,7 @@ import torch
 
 from . import builtin, checkpoint
 from .config import ConfigError
-from .data import DataError
+from .data import DataError, stop_token_ids
 
 
 @dataclass
@@ -145,6 +145,7 @@ def generate(model, tok, prompts, *, max_new_tokens=256, temperature=0.7, top_p=
              dev=None) -> list[list[str]]:
     """Completions [prompt][sample] for `prompts` (lists of messages), batched with left padding."""
     dev = dev or next(model.parameters()).device
+    stops = stop_token_ids(tok, model)
     ids = [render(tok, m) for m in prompts]
     jobs = [(i, k) for i in range(len(ids)) for k in range(num_samples)]
     out = [[None] * num_samples for _ in ids]
@@ -157,12 +158,11 @@ def generate(model, tok, prompts, *, max_new_tokens=256, temperature=0.7, top_p=
             x[r, P - len(ids[i]):] = torch.tensor(ids[i])
             mask[r, P - len(ids[i]):] = 1
         y = model.generate(input_ids=x.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                           **_sampling(temperature, top_p))
+                           eos_token_id=stops, pad_token_id=tok.pad_token_id, **_sampling(temperature, top_p))
         for r, (i, k) in enumerate(chunk):
             comp = y[r, P:].tolist()
-            if tok.eos_token_id in comp:
-                comp = comp[: comp.index(tok.eos_token_id)]
+            end = next((j for j, t in enumerate(comp) if t in stops), len(comp))
+            comp = comp[:end]
             out[i][k] = tok.decode(comp, skip_special_tokens=True)
     return out
 
@@ -175,6 +175,7 @@ def chat(model, tok, *, inp=sys.stdin, out=sys.stdout, max_new_tokens=512, tempe
     from transformers import TextIteratorStreamer
 
     interactive = inp.isatty()
+    stops = stop_token_ids(tok, model)
     system, history = None, []
     if interactive:
         print("fasttune chat: /reset starts over, /system TEXT sets the system prompt, /exit ends", file=out)
@@ -200,13 +201,24 @@ def chat(model, tok, *, inp=sys.stdin, out=sys.stdout, max_new_tokens=512, tempe
         x = torch.tensor([render(tok, msgs)], device=next(model.parameters()).device)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, streamer=streamer,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **_sampling(temperature, top_p))
-        worker = Thread(target=lambda: model.generate(**kwargs))
+                      eos_token_id=stops, pad_token_id=tok.pad_token_id, **_sampling(temperature, top_p))
+        failed = []
+
+        def work():
+            try:
+                model.generate(**kwargs)
+            except Exception as e:  # noqa: BLE001 - raised again below, in this thread
+                failed.append(e)
+                streamer.end()  # else the loop below waits for tokens forever
+
+        worker = Thread(target=work)
         worker.start()
         reply = []
         for piece in streamer:
             reply.append(piece)
             print(piece, end="", file=out, flush=True)
         worker.join()
+        if failed:
+            raise failed[0]
         print(file=out, flush=True)
         history.append({"role": "assistant", "content": "".join(reply)})

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fasttune.cli import main
 from fasttune.config import load_config
@@ -192,7 +193,8 @@ def _tiny_model_folder(path):
     return path
 
 
-@pytest.mark.parametrize("case", ["no_adapter", "other_base", "bad_prompts", "empty_prompt", "no_checkpoint"])
+@pytest.mark.parametrize("case", ["no_adapter", "other_base", "bad_prompts", "empty_prompt", "no_checkpoint",
+                                  "bad_flag"])
 def test_errors_are_one_line(sft_run, tmp_path, capsys, case):
     cfg_path, run = sft_run
     prompts = tmp_path / "p.jsonl"
@@ -210,6 +212,8 @@ def test_errors_are_one_line(sft_run, tmp_path, capsys, case):
     elif case == "empty_prompt":
         prompts.write_text(json.dumps({"prompt": "hello"}) + "\n" + json.dumps({"prompt": "  "}) + "\n")
         argv, expect = ["generate", str(run), "--prompts", str(prompts)], "p.jsonl:2: the prompt is empty"
+    elif case == "bad_flag":
+        argv, expect = ["chat", str(run), "--max-new-tokens", "-1"], "--max-new-tokens -1: must be at least 1"
     else:
         argv = ["eval", str(cfg_path), "--set", f"run.output_dir={json.dumps(str(tmp_path / 'nothing'))}"]
         expect = "no checkpoint in run.output_dir"
@@ -217,3 +221,20 @@ def test_errors_are_one_line(sft_run, tmp_path, capsys, case):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len([line for line in err if line.startswith("error:")]) == 1 and expect in err[-1], err
+
+
+def test_chat_ends_with_the_error_when_generation_fails(sft_run, monkeypatch):
+    """A failure inside the generating thread ends the chat with that error (it used to hang, waiting
+    for tokens that never came)."""
+    import io
+
+    from fasttune.infer import chat, load
+
+    loaded = load(sft_run[1], torch.device("cpu"))
+
+    def broken(**_):
+        raise RuntimeError("generation broke")
+
+    monkeypatch.setattr(loaded.model, "generate", broken)
+    with pytest.raises(RuntimeError, match="generation broke"):
+        chat(loaded.model, loaded.tok, inp=io.StringIO("hello\n"), out=io.StringIO())

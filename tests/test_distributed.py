@@ -13,11 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fasttune.checkpoint import ResumeError
 from fasttune.config import ConfigError, load_config
 from fasttune.distributed import mode_for
 
+# CPU processes against a CPU process: on a GPU machine the ranks would ask for GPUs it may not have
+# (one each), and the in-process runs would run on the GPU. bench/gpu_check.sh runs torchrun there.
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-process (gloo) tests; a GPU machine runs "
+                                "torchrun on its GPU in bench/gpu_check.sh")
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 ENV = {**os.environ, "PYTHONSAFEPATH": "1"}
@@ -147,3 +152,7 @@ def test_qlora_under_fsdp_is_refused_with_what_to_do(tmp_path):
     assert mode_for(cfg, launched=False) == "none"
     assert mode_for(load_config(EXAMPLES / "sft.toml", ["model.finetune=\"full\""]), True) == "fsdp"
     assert mode_for(load_config(EXAMPLES / "sft.toml"), True) == "ddp"
+    # --nproc refuses it before starting torchrun: one line, exit code 2
+    from fasttune.cli import main
+
+    assert main(["sft", str(EXAMPLES / "sft.toml"), "--nproc", "2", "--set", "train.parallel=\"fsdp\""]) == 2

@@ -193,3 +193,13 @@ def test_a_record_the_template_refuses_is_skipped_and_counted(tmp_path):
     assert len(examples) == 2 and len(report.skipped) == 1
     assert "mixed.jsonl:2" in report.skipped[0] and "refuses" in report.skipped[0]
     assert "1 records skipped" in report.summary()
+
+
+def test_generation_stops_at_the_templates_end_of_turn(family):
+    """Generation (GRPO sampling, generate, chat) stops at the token that ends an assistant turn in the
+    template, which training teaches, as well as at eos: Phi-3 ends turns with <|end|>, not eos."""
+    from fasttune.data import stop_token_ids
+
+    fam, tok = family
+    stops = stop_token_ids(tok)
+    assert tok.convert_tokens_to_ids(EOT[fam]) in stops and tok.eos_token_id in stops

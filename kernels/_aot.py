@@ -4,9 +4,10 @@ GPU targets, without a GPU (ptxas ships inside the triton wheel).
     python -m fasttune.kernels._aot [--arch 80 --arch 90] [--report FILE] [--jobs N]
 
 Triton's interpreter runs Python and accepts code the compiler rejects, so this is the check that
-the kernels build at all. For each build it records shared memory (from Triton's metadata) and
-registers, stack and spills (cuobjdump's resource usage of the cubin, which is what `ptxas -v`
-reports). It fails on a compile error, on shared memory above the architecture's per-block limit,
+the kernels build at all. Each variant is built as Triton's launcher specializes a real call
+(pointers and strides divisible by 16), and each default tile once more without that. For each
+build it records shared memory (from Triton's metadata) and registers, stack and spills
+(cuobjdump's resource usage of the cubin, the figures `ptxas -v` prints). It fails on a compile error, on shared memory above the architecture's per-block limit,
 on a default tile (the one the launcher takes before autotuning) over the 99 KiB of sm_86/sm_89,
 and on a build that spills more than kernels/gpu_spills.json records for it (nothing, for a build
 it does not list): a tile or kernel change that starts to spill fails here, and a spill we accept
@@ -51,16 +52,43 @@ def _resources(cubin: bytes) -> dict:
     return {"regs": int(m.group(1)), "stack": int(m.group(2)), "local": int(m.group(3))}
 
 
+def _aligned(fn, signature) -> dict:
+    """The specialization Triton's launcher gives a real call: every pointer (torch allocations are
+    256-byte aligned) and every stride (a head dim or a vocabulary that is a multiple of 16) divisible
+    by 16, as `tt.divisibility` attributes. Without them a build is not what runs on a GPU: it uses
+    narrower loads, more registers and less shared memory."""
+    return {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params)
+            if signature[p.name].startswith("*") or p.name.startswith(("s_", "stride")) or p.name.endswith("_stride")}
+
+
+# Kernels whose strides are often not multiples of 16: the loss kernel's row stride is the vocabulary
+# (32001, 50257). Attention's strides are head dims times heads, multiples of 16 for every table dim.
+UNALIGNED = ("ce_rows",)
+
+
+def builds():
+    """(variant index, aligned): the aligned build of every variant, and an unaligned one of each
+    default tile of the UNALIGNED kernels."""
+    out = []
+    for i, v in enumerate(variants()):
+        out.append((i, True))
+        if v[6] and v[0].startswith(UNALIGNED):
+            out.append((i, False))
+    return out
+
+
 def _compile_one(job):
-    index, arch = job
+    (index, aligned), arch = job
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     name, fn, signature, constexprs, warps, stages, default = list(variants())[index]
     names = [p.name for p in fn.params]
-    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    row = {"name": name, "arch": arch, "warps": warps, "stages": stages, "default": default}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs=_aligned(fn, signature) if aligned else None)
+    name = name if aligned else name + " unaligned"
+    row = {"name": name, "arch": arch, "warps": warps, "stages": stages, "default": default and aligned}
     t = time.time()
     try:
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
@@ -93,8 +121,7 @@ def problems(row, spills: dict) -> list[str]:
 
 
 def check(archs=(80, 90), jobs=None) -> list[dict]:
-    n = len(list(variants()))
-    work = [(i, a) for a in archs for i in range(n)]
+    work = [(b, a) for a in archs for b in builds()]
     with ProcessPoolExecutor(jobs or os.cpu_count()) as pool:
         return list(pool.map(_compile_one, work, chunksize=4))
 

@@ -366,8 +366,16 @@ def _trained_rows(select, n_rows, device):
 # gh, gw, gb ([0] unless asked; gw and gb fp32). Which gradients the forward forms:
 # - reduction mean/sum: all of them; the backward multiplies by the upstream scalar / n;
 # - none with a frozen head: gh per token; the backward scales its rows;
-# - none with a trainable head: none; the backward calls the op again with the upstream folded
-#   into the weights (4 matmuls).
+# - none with a trainable head: none; the backward calls the op again (reduction sum) with the
+#   upstream folded into the weights (4 matmuls in all). `_formed_now` is this rule.
+
+
+def _formed_now(reduction, need_gh, need_gw, need_gb):
+    """The gradients the forward forms: all of them for mean/sum; for none only dh, and only with a
+    frozen head (with a trainable one the backward forms them all, knowing the upstream)."""
+    if reduction != "none":
+        return need_gh, need_gw, need_gb
+    return need_gh and not (need_gw or need_gb), False, False
 
 
 def _linear_ce_impl(
@@ -381,7 +389,7 @@ def _linear_ce_impl(
         o = _Opts(backend, chunk, eps, z_loss, softcap, inv_temp, entropy)
         labels, weights = labels.to(h.device, non_blocking=True), weights.to(h.device, non_blocking=True)
         loss, lse, correct, ent, gh, gw, gb = _linear_ce_chunks(h, w, b, labels, weights, rows, o,
-                                                                need_gh, need_gw, need_gb)
+                                                                *_formed_now(reduction, need_gh, need_gw, need_gb))
         outs = (ent, gh, gw, gb)
         return (_reduce(loss, n.to(h.device), reduction), lse, correct,
                 *(h.new_empty(0) if x is None else x for x in outs))  # distinct empties: outputs may not alias
@@ -390,6 +398,7 @@ def _linear_ce_impl(
 def _linear_ce_fake(h, w, b, labels, weights, select, n, reduction, eps, z_loss, softcap, inv_temp, entropy, backend, chunk,
       need_gh, need_gw, need_gb):
     N, V = h.shape[0], w.shape[0]
+    need_gh, need_gw, need_gb = _formed_now(reduction, need_gh, need_gw, need_gb)
     f32 = lambda *shape: h.new_empty(shape, dtype=torch.float32)  # noqa: E731
     return (f32(N) if reduction == "none" else f32(), f32(N), f32(N), f32(N if entropy else 0),
             h.new_empty(h.shape if need_gh else (0,)), f32(*(w.shape if need_gw else (0,))), f32(V if need_gb else 0))
@@ -414,8 +423,8 @@ def _linear_ce_backward(ctx, grad_loss, *_):
     h_dtype, w_dtype, b_dtype = ctx.dtypes
     if ctx.recompute:
         h, w, b, labels, weights, select, n = ctx.saved_tensors
-        up = weights.to(h.device) * grad_loss.float()
-        _, _, _, _, gh, gw, gb = _linear_ce.no_autograd(h, w, b, labels, up, select, n, "none", eps, z_loss, softcap,
+        up = weights.to(h.device) * grad_loss.float()  # the upstream folded into the weights: then Σ up·loss
+        _, _, _, _, gh, gw, gb = _linear_ce.no_autograd(h, w, b, labels, up, select, n, "sum", eps, z_loss, softcap,
                                                         inv_temp, False, backend, chunk, need_gh, need_gw, need_gb)
     elif reduction == "none":  # frozen head: dh per token was formed in the forward
         gh, gw, gb, n = ctx.saved_tensors

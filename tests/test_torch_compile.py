@@ -153,3 +153,20 @@ def test_tiny_llama_after_apply():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_eager, g_comp):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_masked_rows_on_the_host_skip_the_matmuls(backend, reduction):
+    """Labels on the host: masked rows never reach the head's matmuls, eager or compiled. Masked rows
+    of hidden hold NaN; had they been multiplied into the weight gradient (0 · NaN), it would be NaN."""
+    h, w, y = _head(N=20)
+    y[:] = -100
+    y[[1, 5, 9, 14, 18]] = torch.randint(0, 37, (5,))
+    h.data[y == -100] = float("nan")
+    fn = lambda h, w: fused_linear_cross_entropy(h, w, y, reduction=reduction).sum()  # noqa: E731
+    run = fn if backend is None else torch.compile(fn, fullgraph=True, backend=backend)
+    loss = run(h, w)
+    gh, gw = torch.autograd.grad(loss, [h, w])
+    assert torch.isfinite(loss) and torch.isfinite(gw).all() and torch.isfinite(gh[y != -100]).all()
+    assert (gh[y == -100] == 0).all()

@@ -8,7 +8,8 @@ ends up with it, without a checkpoint:
   2. each decoder-layer Linear becomes a bitsandbytes NF4 `Linear4bit` (double quantization, compute
      dtype bf16 on CUDA), its random weight drawn on the device and quantized at once, one layer at a
      time, so an 8B model never holds more than one bf16 weight matrix beside its 4-bit ones;
-  3. embeddings, norms and lm_head are materialized in the compute dtype (N(0, 0.02), norms 1), RoPE
+  3. embeddings, norms and lm_head are materialized in the compute dtype (N(0, 0.02), norms 1; 0.2 for
+     the tiny smoke models, see INIT_STD), RoPE
      buffers recomputed on the device;
   4. PEFT LoRA r=16, alpha=32 on every linear layer of the decoder (as `lora.target_modules =
      "all-linear"`; lm_head excluded, as PEFT does).
@@ -45,6 +46,10 @@ CONFIGS = {
                        max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
                        use_sliding_window=False),
 }
+# Weight init std: 0.02 as published models are initialized; the tiny smoke models get 0.2, since at
+# hidden size 64 with 0.02 the logits are nearly uniform and the loss barely depends on attention, so the
+# providers' agreement would not notice samples attending across each other.
+INIT_STD = {"llama-tiny": 0.2, "qwen2-tiny": 0.2}
 LORA_R, LORA_ALPHA = 16, 32
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -87,8 +92,8 @@ def step_bytes(name, tokens, logit_tokens, checkpointing):
     return int(lora + acts + logits + 512 * 2**20)
 
 
-def _materialize(module, dev, dtype, g):
-    """Give every parameter still on the meta device real values: norms 1, the rest N(0, 0.02)."""
+def _materialize(module, dev, dtype, g, std):
+    """Give every parameter still on the meta device real values: norms 1, the rest N(0, std)."""
     for mod_name, mod in module.named_modules():
         for pname, p in list(mod.named_parameters(recurse=False)):
             if p.device.type != "meta":
@@ -97,11 +102,11 @@ def _materialize(module, dev, dtype, g):
             if "norm" in mod_name.rsplit(".", 1)[-1] or "norm" in type(mod).__name__.lower():
                 t.fill_(1.0)
             else:
-                t.normal_(0.0, 0.02, generator=g)
+                t.normal_(0.0, std, generator=g)
             setattr(mod, pname, torch.nn.Parameter(t, requires_grad=False))
 
 
-def _quantize_linears(model, dev, dtype, g):
+def _quantize_linears(model, dev, dtype, g, std):
     import bitsandbytes as bnb
 
     for layer in model.model.layers:
@@ -112,13 +117,13 @@ def _quantize_linears(model, dev, dtype, g):
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=dtype, compress_statistics=True, quant_type="nf4", device="meta")
                 q.support_avx512bf16_for_cpu = False  # one 4-bit layout in every pass (fasttune.models.keep_4bit_layout)
-                w = torch.empty(child.out_features, child.in_features, device=dev, dtype=dtype).normal_(0.0, 0.02,
+                w = torch.empty(child.out_features, child.in_features, device=dev, dtype=dtype).normal_(0.0, std,
                                                                                                       generator=g)
                 q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4",
                                              module=q).to(dev)  # quantized here; the bf16 `w` is freed
                 if child.bias is not None:
                     q.bias = torch.nn.Parameter(torch.empty(child.out_features, device=dev, dtype=dtype)
-                                                .normal_(0.0, 0.02, generator=g), requires_grad=False)
+                                                .normal_(0.0, std, generator=g), requires_grad=False)
                 setattr(parent, child_name, q)
                 del w
 
@@ -133,8 +138,9 @@ def build_qlora(name, dev, dtype, *, seed=0, checkpointing=True):
         # no dtype argument (older transformers call it torch_dtype): every parameter is made below, in `dtype`
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     g = torch.Generator(device=dev).manual_seed(seed)
-    _quantize_linears(model, dev, dtype, g)
-    _materialize(model, dev, dtype, g)
+    std = INIT_STD.get(name, 0.02)
+    _quantize_linears(model, dev, dtype, g, std)
+    _materialize(model, dev, dtype, g, std)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     rotary = model.model.rotary_emb

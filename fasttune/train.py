@@ -229,7 +229,7 @@ class RunLog:
             return
         from .reporting import Reporters
 
-        self.reporters = Reporters(cfg.run.report_to, run_dir, cfg)
+        self.reporters = Reporters(cfg.run.report_to, run_dir, cfg, step, resumed)
         (run_dir / "config.toml").write_text(resolved_toml(cfg))
         kept = [line for line in open(self.path)] if self.path.exists() and resumed else []
         self.path.write_text("".join(line for line in kept if json.loads(line)["step"] <= step))

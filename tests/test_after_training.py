@@ -238,3 +238,29 @@ def test_chat_ends_with_the_error_when_generation_fails(sft_run, monkeypatch):
     monkeypatch.setattr(loaded.model, "generate", broken)
     with pytest.raises(RuntimeError, match="generation broke"):
         chat(loaded.model, loaded.tok, inp=io.StringIO("hello\n"), out=io.StringIO())
+
+
+def test_a_resumed_run_continues_its_tensorboard_and_wandb_logs(tmp_path):
+    """Killed after logging step 4 but before checkpointing it: the resume from step 2 logs steps 3
+    and 4 again. TensorBoard drops the first run's events past step 2, so each step is there once, as
+    in metrics.jsonl; wandb continues the same run id."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sets = [f"run.output_dir={json.dumps(str(tmp_path / 'run'))}", "train.max_steps=4", "run.save_every=2",
+            "run.log_every=1", f"data.train={json.dumps(str(DATA / 'sft_alpaca.jsonl'))}", 'data.eval=""',
+            'run.report_to=["tensorboard", "wandb"]']
+    os.environ["WANDB_MODE"] = "offline"
+    try:
+        train_sft(load_config(EXAMPLES / "sft.toml", sets), log=quiet)
+        first_id = (tmp_path / "run" / "wandb_id").read_text()
+        shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000004")
+        train_sft(load_config(EXAMPLES / "sft.toml", sets), log=quiet)
+    finally:
+        del os.environ["WANDB_MODE"]
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
+    assert (tmp_path / "run" / "wandb_id").read_text() == first_id
+    assert all(p.name.endswith(first_id) for p in (tmp_path / "run" / "wandb").glob("offline-run-*"))

@@ -311,6 +311,12 @@ class Example:
     where: str
 
 
+def listed(reasons, n=5) -> str:
+    """The first n reasons, one per indented line, and how many more."""
+    more = f"\n    ... and {len(reasons) - n} more" if len(reasons) > n else ""
+    return "".join(f"\n    {r}" for r in reasons[:n]) + more
+
+
 @dataclass
 class DataReport:
     path: str
@@ -332,8 +338,7 @@ class DataReport:
         if self.truncated or self.dropped:
             lines.append(f"  over max_seq_len: {self.truncated} truncated, {self.dropped} dropped")
         if self.skipped:
-            lines.append(f"  {len(self.skipped)} records skipped because their masks cannot be built, e.g. "
-                         f"{self.skipped[0]}")
+            lines.append(f"  {len(self.skipped)} records skipped because their masks cannot be built:" + listed(self.skipped))
         if self.fully_masked:
             lines.append(f"  {len(self.fully_masked)} examples have no trained token and are skipped, "
                          f"e.g. {self.fully_masked[0]}")

@@ -20,7 +20,7 @@ import torch
 from fasttune.kernels import grpo_loss, linear_logprobs
 
 from .config import ConfigError
-from .data import DataError, TemplateError, render, stop_token_ids
+from .data import DataError, TemplateError, listed, render, stop_token_ids
 from .sources import read_data
 from .models import final_hidden
 from .rewards import call_reward, load_reward
@@ -114,8 +114,8 @@ class GRPOTask:
                         "raw": msgs if conversational else rec["prompt"], "conversational": conversational,
                         "columns": columns, "where": where})
         if log and (skipped or cut):
-            log(f"{path}: {len(skipped)} prompts skipped" + (f" (first: {skipped[0]})" if skipped else "")
-                + f"; {cut} over grpo.max_prompt_len = {self.g.max_prompt_len} keep their last tokens")
+            log(f"{path}: {cut} prompts over grpo.max_prompt_len = {self.g.max_prompt_len} keep their last tokens; "
+                f"{len(skipped)} prompts skipped" + (":" + listed(skipped) if skipped else ""))
         if not out:
             raise DataError(f"{path}: no usable prompt" + (f" ({len(skipped)} skipped: {skipped[0]})" if skipped else ""))
         keys = set(out[0]["columns"])

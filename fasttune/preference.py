@@ -15,7 +15,7 @@ the response's tokens are trained.
 
 from dataclasses import dataclass, field
 
-from .data import IGNORE, SHAREGPT_ROLES, DataError, Example, TemplateError, tokenize_conversation
+from .data import IGNORE, SHAREGPT_ROLES, DataError, Example, TemplateError, listed, tokenize_conversation
 from .sources import read_data
 
 
@@ -52,7 +52,7 @@ class PairReport:
         if self.truncated or self.dropped:
             lines.append(f"  over dpo.max_len / max_prompt_len: {self.truncated} truncated, {self.dropped} dropped")
         if self.skipped:
-            lines.append(f"  {len(self.skipped)} pairs skipped because their masks cannot be built, e.g. {self.skipped[0]}")
+            lines.append(f"  {len(self.skipped)} pairs skipped because their masks cannot be built:" + listed(self.skipped))
         if self.fully_masked:
             lines.append(f"  {len(self.fully_masked)} pairs have a side with no trained token and are skipped, "
                          f"e.g. {self.fully_masked[0]}")

@@ -169,13 +169,15 @@ def generate(model, tok, prompts, *, max_new_tokens=256, temperature=0.7, top_p=
 
 def chat(model, tok, *, inp=sys.stdin, out=sys.stdout, max_new_tokens=512, temperature=0.7, top_p=1.0):
     """A conversation: each line of `inp` is a user turn, the reply is streamed to `out`. Commands:
-    /reset, /system TEXT, /exit. On a terminal, prompts are shown; piped, only the replies."""
+    /reset, /system TEXT, /exit. On a terminal, prompts are shown; piped, only the replies. When the
+    conversation and a reply would outgrow the model's context, the oldest exchanges are dropped."""
     from threading import Thread
 
     from transformers import TextIteratorStreamer
 
     interactive = inp.isatty()
     stops = stop_token_ids(tok, model)
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     system, history = None, []
     if interactive:
         print("fasttune chat: /reset starts over, /system TEXT sets the system prompt, /exit ends", file=out)
@@ -197,8 +199,13 @@ def chat(model, tok, *, inp=sys.stdin, out=sys.stdout, max_new_tokens=512, tempe
             system, history = line[len("/system"):].strip() or None, []
             continue
         history.append({"role": "user", "content": line})
-        msgs = ([{"role": "system", "content": system}] if system else []) + history
-        x = torch.tensor([render(tok, msgs)], device=next(model.parameters()).device)
+        while True:  # the oldest exchanges go first when the conversation outgrows the context
+            msgs = ([{"role": "system", "content": system}] if system else []) + history
+            ids = render(tok, msgs)
+            if not context or len(ids) + max_new_tokens <= context or len(history) == 1:
+                break
+            history = history[2:]
+        x = torch.tensor([ids], device=next(model.parameters()).device)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, streamer=streamer,
                       eos_token_id=stops, pad_token_id=tok.pad_token_id, **_sampling(temperature, top_p))

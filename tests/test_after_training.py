@@ -264,3 +264,23 @@ def test_a_resumed_run_continues_its_tensorboard_and_wandb_logs(tmp_path):
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
     assert (tmp_path / "run" / "wandb_id").read_text() == first_id
     assert all(p.name.endswith(first_id) for p in (tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_chat_drops_the_oldest_turns_when_the_context_is_full(sft_run):
+    import io
+
+    from fasttune.infer import chat, load
+
+    loaded = load(sft_run[1], torch.device("cpu"))
+    loaded.model.config.max_position_embeddings = 160  # the byte tokenizer: a token per character
+    lengths, generate = [], loaded.model.generate
+
+    def measured(**kw):
+        lengths.append(kw["input_ids"].shape[1])
+        return generate(**kw)
+
+    loaded.model.generate = measured
+    lines = "".join(f"turn {i}: repeat the word apple\n" for i in range(8))
+    chat(loaded.model, loaded.tok, inp=io.StringIO(lines), out=io.StringIO(), max_new_tokens=16, temperature=0)
+    assert len(lengths) == 8 and all(n + 16 <= 160 for n in lengths), lengths
+    assert lengths[-1] < sum(lengths[:3])  # history was dropped, not kept growing

@@ -47,3 +47,12 @@ def trl_plain(prompts, completions, **kwargs):
 def only_even(prompts, completions, **_):
     """None where it does not apply (as TRL allows): every second completion."""
     return [1.0 if i % 2 == 0 else None for i in range(len(completions))]
+
+
+def overflows_on_rank_1(prompts, completions, **_):
+    """Finite rewards whose advantages overflow the loss on one process of a torchrun job only."""
+    import os
+
+    if os.environ.get("RANK") == "1" and completions != ["Answer: 0"] * len(completions):
+        return [3e38 if i % 2 == 0 else -3e38 for i in range(len(completions))]
+    return [0.0] * len(completions)

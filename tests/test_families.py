@@ -27,6 +27,7 @@ ARCHITECTURES = {
     "gemma2": lambda V: transformers.Gemma2Config(vocab_size=V, head_dim=8, query_pre_attn_scalar=8, sliding_window=16,
                                                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0, **SMALL),
     "phi3": lambda V: transformers.Phi3Config(vocab_size=V, **SMALL),
+    "phi4": lambda V: transformers.Phi3Config(vocab_size=V, **SMALL),  # Phi-4 is a Phi3ForCausalLM
     "deepseek_v3": lambda V: transformers.DeepseekV3Config(
         vocab_size=V, **{**SMALL, "num_key_value_heads": 4}, moe_intermediate_size=16, n_routed_experts=4,
         num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,

@@ -1,8 +1,8 @@
 """Masks from what inference sees, on real tokenizers and chat templates (tests/real_tokenizers.py).
 
 For Qwen3, Qwen2.5, Llama 3.1, Gemma 2 and 3, DeepSeek-V3, Mistral's [INST] template and Phi-3 (the
-last two on the Llama 2 SentencePiece vocabulary): the ids of a conversation are exactly the tokenization of its rendering, and the trained
-tokens, run by run, decode to each assistant message's content followed by its end-of-turn token and
+last two on the Llama 2 SentencePiece vocabulary) and Phi-4 (on the cl100k vocabulary): the ids of a
+conversation are exactly the tokenization of its rendering, and the trained tokens, run by run, decode to each assistant message's content followed by its end-of-turn token and
 nothing else (no role header, no template boilerplate such as Qwen3's empty think block).
 """
 
@@ -14,7 +14,8 @@ import real_tokenizers
 from fasttune.data import IGNORE, TemplateError, load_sft, tokenize_conversation
 
 EOT = {"qwen3": "<|im_end|>", "qwen2.5": "<|im_end|>", "llama3": "<|eot_id|>", "gemma3": "<end_of_turn>",
-       "gemma2": "<end_of_turn>", "deepseek_v3": "<｜end▁of▁sentence｜>", "mistral": "</s>", "phi3": "<|end|>"}
+       "gemma2": "<end_of_turn>", "deepseek_v3": "<｜end▁of▁sentence｜>", "mistral": "</s>", "phi3": "<|end|>",
+       "phi4": "<|im_end|>"}
 U, A, S = "user", "assistant", "system"
 CONVERSATIONS = {
     "single": [(U, "What is 2 + 2?"), (A, "It is 4.")],

@@ -116,7 +116,6 @@ def _quantize_linears(model, dev, dtype, g, std):
                     continue
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=dtype, compress_statistics=True, quant_type="nf4", device="meta")
-                q.support_avx512bf16_for_cpu = False  # one 4-bit layout in every pass (fasttune.models.keep_4bit_layout)
                 w = torch.empty(child.out_features, child.in_features, device=dev, dtype=dtype).normal_(0.0, std,
                                                                                                       generator=g)
                 q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4",
@@ -133,6 +132,8 @@ def build_qlora(name, dev, dtype, *, seed=0, checkpointing=True):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from fasttune.models import keep_4bit_layout
+
     cfg = hf_config(name)
     with torch.device("meta"):
         # no dtype argument (older transformers call it torch_dtype): every parameter is made below, in `dtype`
@@ -140,6 +141,7 @@ def build_qlora(name, dev, dtype, *, seed=0, checkpointing=True):
     g = torch.Generator(device=dev).manual_seed(seed)
     std = INIT_STD.get(name, 0.02)
     _quantize_linears(model, dev, dtype, g, std)
+    keep_4bit_layout(model)  # one 4-bit layout in every pass, as fasttune.models.load_model does
     _materialize(model, dev, dtype, g, std)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

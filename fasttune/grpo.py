@@ -80,8 +80,7 @@ class GRPOTask:
 
         self.stream = Stream(plan, self._rollout_for)
         self._cache, self._cache_size = {}, t.grad_accum
-        self.model = self.dev = self.run = self.eval_prompts = None
-        self.stops = [tok.eos_token_id]
+        self.model = self.dev = self.run = self.eval_prompts = self.stops = None  # set by setup()
 
     # ---- data and rewards -----------------------------------------------------------------------
 

@@ -5,9 +5,10 @@ GPU targets, without a GPU (ptxas ships inside the triton wheel).
 
 Triton's interpreter runs Python and accepts code the compiler rejects, so this is the check that
 the kernels build at all. Each variant is built as Triton's launcher specializes a real call
-(pointers and strides divisible by 16), and each default tile once more without that. For each
-build it records shared memory (from Triton's metadata) and registers, stack and spills
-(cuobjdump's resource usage of the cubin, the figures `ptxas -v` prints). It fails on a compile error, on shared memory above the architecture's per-block limit,
+(pointers and strides divisible by 16), and the default tiles of the loss kernel once more without
+that (`builds`). For each build it records shared memory (from Triton's metadata) and registers,
+stack and spills (cuobjdump's resource usage of the cubin, the figures `ptxas -v` prints). It fails
+on a compile error, on shared memory above the architecture's per-block limit,
 on a default tile (the one the launcher takes before autotuning) over the 99 KiB of sm_86/sm_89,
 and on a build that spills more than kernels/gpu_spills.json records for it (nothing, for a build
 it does not list): a tile or kernel change that starts to spill fails here, and a spill we accept

@@ -2,7 +2,7 @@
 
     python bench/report.py                      # tables of the newest file of each device
     python bench/report.py FILE.json ...        # tables of these files (or bench/e2e.py's FILE.jsonl)
-    python bench/report.py --readme README.md   # rewrite the README between its bench markers
+    python bench/report.py --readme docs/benchmarks.md   # rewrite the tables between its bench markers
     python bench/report.py --plots              # a PNG of time and memory per kernel, beside each file
     python bench/report.py --baseline           # write bench/baseline.json from the newest CPU file
 

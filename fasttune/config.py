@@ -374,7 +374,21 @@ def grpo_reference_markdown() -> str:
     return reference_markdown(GRPOConfig, sections=("data", "grpo"))
 
 
-if __name__ == "__main__":  # python -m fasttune.config: print the reference
-    print(reference_markdown())
-    print(dpo_reference_markdown())
-    print(grpo_reference_markdown())
+REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+
+
+def reference_document() -> str:
+    """Everything docs/configuration.md holds between its markers."""
+    return "\n".join([reference_markdown(), dpo_reference_markdown(), grpo_reference_markdown()])
+
+
+if __name__ == "__main__":  # python -m fasttune.config [--write]: print the reference, or rewrite docs/configuration.md
+    import sys
+
+    if "--write" in sys.argv:
+        text = REFERENCE.read_text()
+        start, end = text.index("<!-- config:start -->"), text.index("<!-- config:end -->")
+        REFERENCE.write_text(text[:start] + "<!-- config:start -->\n" + reference_document() + "\n" + text[end:])
+        print(f"wrote {REFERENCE}")
+    else:
+        print(reference_document())

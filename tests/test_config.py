@@ -76,13 +76,10 @@ def test_resolved_round_trip(tmp_path):
     assert again == cfg
 
 
-def test_readme_reference_is_current():
-    """The README's configuration tables are generated from the config's own docs: keep them in sync."""
-    from pathlib import Path
+def test_configuration_reference_is_current():
+    """docs/configuration.md's tables are generated from the config's own docs: keep them in sync."""
+    from fasttune.config import REFERENCE, reference_document
 
-    from fasttune.config import dpo_reference_markdown, grpo_reference_markdown, reference_markdown
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert reference_markdown() in readme, "run: python -m fasttune.config and paste it into the README"
-    assert dpo_reference_markdown() in readme, "run: python -m fasttune.config and paste it into the README"
-    assert grpo_reference_markdown() in readme, "run: python -m fasttune.config and paste it into the README"
+    text = REFERENCE.read_text()
+    body = text[text.index("<!-- config:start -->") + len("<!-- config:start -->\n"):text.index("<!-- config:end -->")]
+    assert body == reference_document() + "\n", "run: python -m fasttune.config --write"

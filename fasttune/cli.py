@@ -20,9 +20,10 @@ import os
 import platform
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
-from fasttune import __version__
+__version__ = version("fasttune")  # `fasttune` is a namespace package (no __init__.py): see kernels/README.md
 
 
 def _env(args) -> int:
@@ -54,8 +55,7 @@ def _launch(args) -> int:
     mode_for(load_config(args.config, args.set), launched=True)  # a parallel mode it refuses: one line, here
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
             "-m", "fasttune", args.command, args.config, *[x for s in args.set for x in ("--set", s)]]
-    # PYTHONSAFEPATH: a `kernels` folder in the working directory must not shadow Hugging Face's package
-    return subprocess.call(argv, env={**os.environ, "PYTHONSAFEPATH": "1"})
+    return subprocess.call(argv)
 
 
 def _sft(args) -> int:

@@ -42,6 +42,8 @@ class Rollout:
 
 class GRPOTask:
     name = "grpo"
+    panels = (("GRPO mean reward", None), ("completion length", ["completion_len"]))
+    timings = ("generation_s", "reference_s")  # sampling and reference log-probs, inside each step
 
     def __init__(self, cfg, tok, log, dist=None):
         self.cfg, self.tok, self.g, self.log = cfg, tok, cfg.grpo, log

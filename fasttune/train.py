@@ -211,7 +211,8 @@ def train_sft(cfg, log=print) -> dict:
 
 def train(cfg, task_cls, log=print) -> dict:
     """The shared loop: `task_cls(cfg, tokenizer, log, dist)`, a `fasttune.tasks.Task`, supplies the
-    batches, their count and the loss. Under torchrun each process runs this, its share of every step (fasttune/distributed.py)."""
+    batches, their count and the loss. Under torchrun each process runs this, its share of every step
+    (fasttune/distributed.py)."""
     dist = distributed.start()
     try:
         return _train(cfg, task_cls, log if dist.main else (lambda *a, **k: None), dist)

@@ -109,11 +109,12 @@ def test_kernels_install_alone(tmp_path):
         ref = torch.nn.functional.cross_entropy(h @ w.T, y)
         print(abs(fused_linear_cross_entropy(h, w, y).item() - ref.item()) < 1e-5 * abs(ref.item()))  # fp32 inside
         print(sorted(m for m in sys.modules if m.split(".")[0] in ("transformers", "peft", "bitsandbytes", "datasets")))
-        import fasttune.kernels as k
+        import os, fasttune.kernels as k
+        print(os.path.isfile(os.path.join(os.path.dirname(k.__file__), "gpu_spills.json")))  # _aot's baseline
         print(k.__file__)
     """, tmp_path, py).stdout.splitlines()
-    assert out[:2] == ["True", "[]"], out
-    assert out[2].startswith(site), out  # the installed copy, not the source tree
+    assert out[:3] == ["True", "[]", "True"], out
+    assert out[3].startswith(site), out  # the installed copy, not the source tree
 
 
 def test_console_script(tmp_path):

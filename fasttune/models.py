@@ -61,6 +61,7 @@ def final_hidden(model, **inputs):
     from fasttune.kernels.hf import head_of
 
     head = head_of(model)
+    inputs = {"use_cache": False, **inputs}  # hidden states only: no KV cache (it warns under gradient checkpointing)
     takes = inspect.signature(head.base.forward).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in takes.values()):
         inputs = {k: v for k, v in inputs.items() if k in takes}
@@ -112,7 +113,10 @@ def load_model(cfg, dev=None, *, trainable=True, lora=True, quiet=False):
     elif dev.type == "cpu":
         keep_4bit_layout(model)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if m.finetune == "lora" and lora:
         if m.adapter:

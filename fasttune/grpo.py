@@ -18,6 +18,7 @@ import time
 import torch
 
 from fasttune.kernels import grpo_loss, linear_logprobs
+from fasttune.kernels.grpo import PER_TOKEN_COUNT
 
 from .config import ConfigError
 from .data import DataError, TemplateError, listed, render, stop_token_ids
@@ -250,7 +251,7 @@ class GRPOTask:
     # ---- the loss -------------------------------------------------------------------------------
 
     def count(self, batch):
-        return batch.trained if self.g.loss_type in ("dapo", "bnpo") else len(batch.advantages)
+        return batch.trained if self.g.loss_type in PER_TOKEN_COUNT else len(batch.advantages)
 
     def loss(self, model, batch, n_items, dev):
         g = self.g

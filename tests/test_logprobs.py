@@ -329,3 +329,27 @@ def test_grpo_bad_input():
         grpo_loss(h, w, ids, mask, torch.zeros(2), beta=0.1)
     with pytest.raises(ValueError, match="loss_type"):
         grpo_loss(h, w, ids, mask, torch.zeros(2), loss_type="ppo")
+
+
+def test_gspo_sequence_ratio_equals_the_papers_stop_gradient_form():
+    """GSPO (Zheng et al. 2025, eq. 7 and GSPO-token eq. 13): s_i = (π/π_old)^(1/|y_i|), and
+    s_it = sg(s_i)·π(y_t)/sg(π(y_t)) has the same value and, with one advantage per sequence, the
+    same gradient: the sequence-level grpo_loss equals both, written out here from the paper."""
+    B, T = 4, 6
+    h, w, _ = head(B, T)
+    ids, mask, _ = grpo_batch(B, T)
+    adv = torch.tensor([-1.0, 0.7, 1.3, -0.4])
+    z, p64 = logits64(h, w, None)
+    logp, _ = logprobs_reference(z, torch.where(mask, ids, -100))
+    old = (logp.detach() + torch.tensor([0.6, -0.6, 0.05, 0.0])[:, None] + 0.05 * torch.randn(B, T)).float()
+    m = mask.double()
+    n = m.sum(-1)
+    s = torch.exp(((logp - old) * m).sum(-1) / n)  # eq. 7
+    s_tok = s.detach()[:, None] * torch.exp(logp - logp.detach())  # eq. 13
+    eps = 0.2
+    per = -torch.min(s_tok * adv[:, None], torch.clamp(s_tok, 1 - eps, 1 + eps) * adv[:, None])
+    paper = ((per * m).sum(-1) / n).mean()  # (1/G) Σ_i (1/|y_i|) Σ_t
+    loss, _ = grpo_loss(h, w, ids, mask, adv, old_logps=old, loss_type="grpo", importance_sampling_level="sequence",
+                        epsilon_low=eps, epsilon_high=eps, backend="torch")
+    assert rel_err(loss, paper) < TOL[torch.float32]
+    assert_close(grads(loss, (h, w)), torch.autograd.grad(paper, p64), TOL[torch.float32], "gspo-token")

@@ -222,10 +222,12 @@ class Sampling:
     pad_id: int
     min_new_tokens: int = 0
     synced_gpus: bool = False
+    top_k: int | None = 0  # 0: off, as TRL samples (the loss assumes the whole softmax); None: the model's own
 
     def kwargs(self):
         s = {"do_sample": False} if self.temperature <= 0 else {
-            "do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
+            "do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
+            **({} if self.top_k is None else {"top_k": self.top_k})}
         return {**s, "max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens,
                 "eos_token_id": self.stops, "pad_token_id": self.pad_id}
 
@@ -360,3 +362,14 @@ class Rollouts:
                 why = str(e).strip().splitlines()[0][:160]
             self.drop(why)  # out of the except block: its traceback no longer holds the twin's tensors
         return engine.generate(model, ids, mask, s)
+
+
+def for_inference(model, weights="auto", log=None) -> Rollouts:
+    """Rollouts for `fasttune generate` and `chat`: the adapter never changes, so a merged copy keeps
+    no base beside it (its memory is that of the dense model's adapted layers)."""
+    import sys
+
+    dev = next(p.device for p in model.parameters() if not p.is_meta)
+    dtype = _causal_lm(model).get_input_embeddings().weight.dtype
+    log = log or (lambda msg: print(f"fasttune: {msg}", file=sys.stderr, flush=True))
+    return Rollouts(model, dtype, dev, weights=weights, engine="dynamic", log=log, refreshable=False)

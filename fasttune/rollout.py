@@ -359,7 +359,7 @@ class Rollouts:
             except Exception as e:  # noqa: BLE001 - only an out-of-memory is handled, the rest raised
                 if not is_oom(e):
                     raise
-                why = str(e).strip().splitlines()[0][:160]
+                why = str(e).strip().splitlines()[0][:300]
             self.drop(why)  # out of the except block: its traceback no longer holds the twin's tensors
         return engine.generate(model, ids, mask, s)
 

@@ -164,9 +164,9 @@ from fasttune.config import GRPOConfig, load_config
 from fasttune.grpo import GRPOTask
 from fasttune.models import load_model, load_tokenizer
 
-# a model whose merged copy (dequantized base + merged weight, fp32) is ~260 MB while its 4-bit base is ~17 MB
+# a model whose merged copy (dequantized base + merged weight, fp32) takes 512 MiB; its 4-bit base 32 MiB
 folder = sys.argv[1]
-cfg = transformers.LlamaConfig(vocab_size=260, hidden_size=1024, intermediate_size=4096, num_hidden_layers=2,
+cfg = transformers.LlamaConfig(vocab_size=260, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
                                num_attention_heads=8, num_key_value_heads=8, pad_token_id=0, eos_token_id=3)
 transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
 from fasttune.builtin import byte_tokenizer
@@ -180,21 +180,29 @@ task = GRPOTask(cfg, load_tokenizer(cfg.model), lambda *a: lines.append(" ".join
 model = load_model(cfg)
 task.setup(model, torch.device("cpu"), folder)
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-task.rollouts.weights = "live"   # warm up on the live model: threads and their arenas exist before the limit
-task.rollout(task.prompts[:1])
+
+
+def step(prompts):
+    batch = task.rollout(prompts)
+    loss, _ = task.loss(model, batch, task.count(batch), torch.device("cpu"))
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return batch
+
+
+task.rollouts.weights = "live"  # a step on the live model first: threads, arenas and optimizer state exist
+step(task.prompts[:2])
 task.rollouts.weights = "merged"
 
 def vm():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
 
-resource.setrlimit(resource.RLIMIT_AS, (vm() + 120 * 2**20, resource.RLIM_INFINITY))
+# the cap: 200 MiB over what the process maps now; sampling and training from the 4-bit model need less
+resource.setrlimit(resource.RLIMIT_AS, (vm() + 200 * 2**20, resource.RLIM_INFINITY))
 steps = 0
 for i in range(3):  # three optimizer steps, each on a fresh rollout
-    batch = task.rollout(task.prompts[2 * i : 2 * i + 2])
-    loss, _ = task.loss(model, batch, task.count(batch), torch.device("cpu"))
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
+    batch = step(task.prompts[2 * i + 2 : 2 * i + 4])
     steps += 1
 print(json.dumps({"steps": steps, "weights": task.rollouts.weights, "lines": lines,
                   "completions": int(batch.completion_ids.numel())}))
@@ -203,12 +211,14 @@ print(json.dumps({"steps": steps, "weights": task.rollouts.weights, "lines": lin
 
 def test_an_out_of_memory_with_the_copy_falls_back_to_live_once(tmp_path):
     """A real allocation failure: the process's address space is capped (RLIMIT_AS) below what the
-    copy needs but above what sampling and training from the 4-bit model need."""
+    copy needs but above what sampling and training from the 4-bit model need. glibc is told to map
+    every block of 64 KiB or more on its own, so that freed memory leaves the address space at once."""
     script = tmp_path / "oom.py"
     script.write_text(textwrap.dedent(OOM_SCRIPT))
     run = subprocess.run([sys.executable, str(script), str(tmp_path / "model"),
                           str(ROOT / "examples/data/grpo_arithmetic.jsonl"), str(ROOT / "examples/grpo.toml")],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONSAFEPATH": "1"})
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONSAFEPATH": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     warnings = [line for line in out["lines"] if "out of memory with the merged copy" in line]

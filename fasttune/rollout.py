@@ -149,7 +149,9 @@ class MergedCopy:
                 self._adapted(tmod, live, refreshable)
                 continue
             for attr, p in tmod._parameters.items():
-                src = live._parameters[attr]
+                src = live._parameters.get(attr)
+                if src is None and p is not None:
+                    raise Unsupported(f"the model's {name} has no {attr} where a plain {type(twin).__name__} has one")
                 if src is None:
                     continue
                 t = _dense(src, dtype) if attr == "weight" and _is_4bit(src) else src.data
@@ -158,7 +160,7 @@ class MergedCopy:
                 self.bytes += t.nbytes if t.data_ptr() != src.data_ptr() else 0
                 tmod._parameters[attr] = nn.Parameter(t, requires_grad=False)
             for attr in tmod._buffers:
-                tmod._buffers[attr] = live._buffers[attr]
+                tmod._buffers[attr] = live._buffers.get(attr)
         left = [n for n, t in [*twin.named_parameters(), *twin.named_buffers()] if t.is_meta]
         if left:
             raise Unsupported(f"the model's {left[0]} has no counterpart in a plain {type(twin).__name__}")
@@ -341,26 +343,32 @@ class Rollouts:
             self.refreshes += bool(self.twin.refresh())
         return self.twin.model
 
-    def drop(self, why):
+    def drop(self, why, oom=True):
         """Give up the twin for good: free it and sample from the live model from now on."""
         self.twin, self.weights = None, "live"
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        self.log(f"warning: rollouts: out of memory with the merged copy ({why}); sampling from the live "
-                 "model from now on (slower, same results)")
+        if oom:
+            self.log(f"warning: rollouts: out of memory with the merged copy ({why}); sampling from the live "
+                     "model from now on (slower, same results)")
+        else:
+            self.log(f"rollouts: live weights, not merged: {why}")
 
     @torch.no_grad()
     def generate(self, model, ids, mask, s: Sampling) -> torch.Tensor:
         engine = self.engine(len(ids))
         if self.weights == "merged":
+            oom = True
             try:
                 return engine.generate(self.policy(model), ids, mask, s)
+            except Unsupported as e:
+                why, oom = str(e), False
             except Exception as e:  # noqa: BLE001 - only an out-of-memory is handled, the rest raised
                 if not is_oom(e):
                     raise
                 why = str(e).strip().splitlines()[0][:300]
-            self.drop(why)  # out of the except block: its traceback no longer holds the twin's tensors
+            self.drop(why, oom)  # out of the except block: its traceback no longer holds the twin's tensors
         return engine.generate(model, ids, mask, s)
 
 

@@ -183,7 +183,7 @@ def chat(model, tok, *, inp=sys.stdin, out=sys.stdout, max_new_tokens=512, tempe
 
     from .rollout import for_inference
 
-    model = for_inference(model, weights).policy(model)
+    model = for_inference(model, weights).policy_or_live(model)
 
     interactive = inp.isatty()
     stops = stop_token_ids(tok, model)

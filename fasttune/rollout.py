@@ -355,13 +355,17 @@ class Rollouts:
         else:
             self.log(f"rollouts: live weights, not merged: {why}")
 
+    def policy_or_live(self, model):
+        """policy(model), or `model` where the twin cannot be built (out of memory, unsupported)."""
+        return self.generate(model, None, None, None, run=lambda m, *_: m)
+
     @torch.no_grad()
-    def generate(self, model, ids, mask, s: Sampling) -> torch.Tensor:
-        engine = self.engine(len(ids))
+    def generate(self, model, ids, mask, s: Sampling, run=None) -> torch.Tensor:
+        run = run or self.engine(len(ids)).generate
         if self.weights == "merged":
             oom = True
             try:
-                return engine.generate(self.policy(model), ids, mask, s)
+                return run(self.policy(model), ids, mask, s)
             except Unsupported as e:
                 why, oom = str(e), False
             except Exception as e:  # noqa: BLE001 - only an out-of-memory is handled, the rest raised
@@ -369,7 +373,7 @@ class Rollouts:
                     raise
                 why = str(e).strip().splitlines()[0][:300]
             self.drop(why, oom)  # out of the except block: its traceback no longer holds the twin's tensors
-        return engine.generate(model, ids, mask, s)
+        return run(model, ids, mask, s)
 
 
 def for_inference(model, weights="auto", log=None) -> Rollouts:

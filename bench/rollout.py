@@ -179,6 +179,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, required=True, help="JSON lines file; one line appended per result")
     ap.add_argument("--sizes", default="8x64,128x64", help="ROWSxNEW_TOKENS,...: rows = 8 prompts × rows/8 generations")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated, of: " + ", ".join(PROVIDERS))
     args = ap.parse_args(argv)
     dev = device()
     loaded = models(dev)
@@ -193,7 +194,7 @@ def main(argv=None):
     choice = {}
     for size in args.sizes.split(","):
         rows, new = (int(x) for x in size.split("x"))
-        results = measure(PROVIDERS, min(rows, 8), max(1, rows // 8), new, args.rounds, dev, loaded, emit)
+        results = measure(args.providers.split(","), min(rows, 8), max(1, rows // 8), new, args.rounds, dev, loaded, emit)
         choice[("large" if rows >= 64 else "small")] = fastest(results)
         gc.collect()
     kind = dev.type

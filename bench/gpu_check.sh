@@ -9,6 +9,8 @@
 #   e2e_8b        the same at the Llama-3-8B shape
 #   kernel_bench  the kernel benchmarks (pytest bench, without the end-to-end smoke file)
 #   e2e_rl        DPO and GRPO steps, Llama-3.2-1B shape
+#   rollout       GRPO rollouts on SmolLM2-135M: live QLoRA, merged copy (dynamic / static cache, continuous
+#                 batching) vs plain transformers; prints the AUTO_ENGINE line for fasttune/rollout.py
 #   the rest      torchrun with one process (DDP on the GPU), 8192-token rows, Qwen2.5-7B, the end-to-end smoke tests, the remaining test suite
 # Results are appended as JSON lines the moment each is measured (OUTDIR/e2e.jsonl, OUTDIR/bench.jsonl),
 # so a stage that times out loses only what it had not measured yet. Every stage logs to OUTDIR/NAME.log;
@@ -77,6 +79,8 @@ BENCH_JSONL="$OUT/bench.jsonl" stage kernel_bench 100 \
     $PY -m pytest bench -q -p no:cacheprovider --ignore=bench/test_bench_e2e.py --benchmark-columns=median,min,rounds
 cp bench/results/*.json "$OUT/" 2>/dev/null
 e2e e2e_rl 70 llama-3.2-1b dpo,grpo
+# the model is converted from the GGUF in the carried cache (tests/real_model.py); without it the stage says so
+stage rollout 90 $PY bench/rollout.py --out "$OUT/rollout.jsonl" --sizes 8x64,128x64 --rounds 3
 
 # ---- the rest, with the time left ------------------------------------------------------------------
 # torchrun with one process: the launcher, NCCL and DDP on the GPU (QLoRA SFT demo, 30 steps)

@@ -236,7 +236,7 @@ def test_chat_ends_with_the_error_when_generation_fails(sft_run, monkeypatch):
 
     monkeypatch.setattr(loaded.model, "generate", broken)
     with pytest.raises(RuntimeError, match="generation broke"):
-        chat(loaded.model, loaded.tok, inp=io.StringIO("hello\n"), out=io.StringIO())
+        chat(loaded.model, loaded.tok, inp=io.StringIO("hello\n"), out=io.StringIO(), weights="live")  # the patched model
 
 
 def test_a_resumed_run_continues_its_tensorboard_and_wandb_logs(tmp_path):
@@ -281,6 +281,7 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(sft_run):
 
     loaded.model.generate = measured
     lines = "".join(f"turn {i}: repeat the word apple\n" for i in range(8))
-    chat(loaded.model, loaded.tok, inp=io.StringIO(lines), out=io.StringIO(), max_new_tokens=16, temperature=0)
+    chat(loaded.model, loaded.tok, inp=io.StringIO(lines), out=io.StringIO(), max_new_tokens=16, temperature=0,
+         weights="live")  # the measured model itself, not a merged copy of it
     assert len(lengths) == 8 and all(n + 16 <= 160 for n in lengths), lengths
     assert lengths[-1] < sum(lengths[:3])  # history was dropped, not kept growing

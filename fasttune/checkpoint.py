@@ -204,8 +204,20 @@ def _needed_bytes(model, model_sd, state) -> int:
 def _write(tmp, model, model_sd, state):
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, **({"state_dict": model_sd} if model_sd is not None else {}))
-    torch.save(state, tmp / STATE)
+    with open(tmp / STATE, "wb") as f:  # a Python file: a failed write keeps its OSError (errno) in the chain
+        torch.save(state, f)
     _write_manifest(tmp)  # last: a folder with a manifest has every file it lists
+
+
+def _reason(e) -> str:
+    """The OS's words for a failed write (`No space left on device`, `File too large`), found in the
+    exception's chain (torch's writer wraps them), else the error's first line."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
 def save(run_dir, step, model, optimizer, scheduler, position, fp, keep, dist=None):
@@ -234,7 +246,7 @@ def save(run_dir, step, model, optimizer, scheduler, position, fp, keep, dist=No
             shutil.rmtree(tmp, ignore_errors=True)
             need, free = _needed_bytes(model, model_sd, state), shutil.disk_usage(root).free
             last = checkpoints(run_dir)
-            reason = (getattr(e, "strerror", None) or str(e).splitlines()[0] or type(e).__name__)[:200]
+            reason = _reason(e)
             error = (f"cannot write checkpoint {final.name} in {root}: {reason}. It needs about {need:,} bytes "
                      f"({free:,} free there). The earlier checkpoints are intact (last: "
                      f"{last[-1].name if last else 'none'}); free some space and run the same command to resume")

@@ -250,6 +250,11 @@ class RunLog:
             self.bar.set_postfix(**shown)
             self.bar.update(1)
 
+    def end_line(self):
+        """Before an error is printed: the progress bar's line ends (the bar stays as it was)."""
+        if self.enabled:
+            self.bar.close()
+
     def close(self):
         if not self.enabled:
             return None
@@ -270,6 +275,7 @@ def _train(cfg, task_cls, log, dist, stop) -> dict:
     dev = dist.device
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    ck = checkpoint.find(run_dir, cfg.run.resume, warn=log)  # verified before anything is loaded
 
     tok = load_tokenizer(cfg.model)
     task = task_cls(cfg, tok, log, dist)  # every rank reads and plans the same data
@@ -292,7 +298,6 @@ def _train(cfg, task_cls, log, dist, stop) -> dict:
     fp = checkpoint.fingerprint(cfg, dist.world)
 
     step = 0
-    ck = checkpoint.find(run_dir, cfg.run.resume, warn=log)
     if ck is not None:
         state = checkpoint.load(ck, model, opt, sched, fp, dist)
         step, stream.position = state["step"], dict(state["position"])
@@ -310,6 +315,14 @@ def _train(cfg, task_cls, log, dist, stop) -> dict:
     model.train()
     start, tokens_seen, last_row = time.perf_counter(), 0, None
     saved, last_save, halted = (step, ck), time.monotonic(), False  # (step, folder) of the last checkpoint
+
+    def save():
+        try:
+            return step, checkpoint.save(run_dir, step, model, opt, sched, stream.position, fp, cfg.run.keep, dist)
+        except checkpoint.CheckpointError:
+            out.end_line()
+            raise
+
     while step < total:
         if dist.world == 1 and stop.requested:  # one process: no need to begin another step
             halted = True
@@ -341,6 +354,7 @@ def _train(cfg, task_cls, log, dist, stop) -> dict:
         extra = dict(zip(extra, values))
         if not math.isfinite(loss):  # a NaN on any rank is in the sum: every rank stops here
             last = checkpoint.checkpoints(run_dir)
+            out.end_line()
             raise TrainingError(f"the loss is {loss} at step {step + 1}; stopped before the optimizer step. "
                                 f"Last good checkpoint: {last[-1] if last else 'none'}. Try a lower "
                                 "train.learning_rate or check the data")
@@ -375,12 +389,12 @@ def _train(cfg, task_cls, log, dist, stop) -> dict:
                  mem=f"{row['peak_memory_mb']:.0f}MB", **shown)
         last_row = row
         if step % cfg.run.save_every == 0 or step == total or due > 0 or halted:
-            saved = step, checkpoint.save(run_dir, step, model, opt, sched, stream.position, fp, cfg.run.keep, dist)
+            saved = save()
             last_save = time.monotonic()
         if halted:
             break
     if halted and saved[0] != step:  # one process stopped between steps: the last one is not saved yet
-        saved = step, checkpoint.save(run_dir, step, model, opt, sched, stream.position, fp, cfg.run.keep, dist)
+        saved = save()
     first = out.close()
     if halted and step < total:
         where = f"checkpoint {saved[1]}" if saved[1] else "nothing to save yet"

@@ -287,3 +287,25 @@ def test_time_based_saves(tmp_path):
     train_sft(sft_config(out, "train.max_steps=6", "run.save_every_minutes=10"), log=lambda *_: None)
     assert [p.name for p in checkpoint.checkpoints(out)][-1] == "step-000006"
     assert "step-000004" not in [p.name for p in checkpoint.checkpoints(out)]
+
+
+# ---- two gloo ranks under torchrun -----------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-process (gloo) ranks, as in tests/test_distributed.py")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["term-to-launcher", "ctrl-c-to-group"])
+def test_torchrun_ranks_stop_at_the_same_step_and_resume_exactly(tmp_path, signum):
+    """`fasttune sft --nproc 2`: SIGTERM to the launcher (passed on to torchrun, which passes it to the
+    ranks), or Ctrl-C to the whole process group (each rank gets it twice: from the terminal and from
+    torchrun). Both ranks stop after the same step, rank 0 writes it, and 2 ranks resume it exactly as
+    1 process with 2 micro-batches per step would have run."""
+    one = tmp_path / "one"
+    train_sft(sft_config(one, f"train.max_steps={STEPS}", "train.grad_accum=2"), log=lambda *_: None)
+    out = tmp_path / "two"
+    cmd = argv("sft", out) + ["--nproc", "2"]
+    said = stop_and_resume(tmp_path, cmd, out, signum, after_step=2, group=signum == signal.SIGINT)
+    assert "2 processes (ddp)" in said
+    ref = [json.loads(line) for line in open(one / "metrics.jsonl")]
+    got = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    for a, b in zip(got, ref):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6) and a["trained_tokens"] == b["trained_tokens"]

@@ -4,12 +4,18 @@
         adapter_model.safetensors, adapter_config.json   (PEFT; a full fine-tune saves the model)
         trainer_state.pt   optimizer (keyed by parameter name), scheduler, each rank's RNG state,
                            data position, the run's fingerprint
+        manifest.json      every other file's size and sha256, written last (before the rename)
 
 Under several processes rank 0 writes, after FSDP2's shards are gathered: a checkpoint is whole
 and loads on any world size.
 A kill at any moment leaves the last complete checkpoint intact (and, at worst, a `.tmp-*` folder
-that the next save removes). `fingerprint` records what a run trains (model, adapter settings,
-data files and their contents, batching, seed); resuming with a different one is refused.
+that the next save removes). A write that fails (a full disk) removes its temporary folder and
+stops the run with one line; `keep` deletes older checkpoints only after the new one is in place.
+`verify` checks a checkpoint against its manifest before anything is loaded from it: `find`
+(resume), `pick` (merge, generate, chat, eval) skip a damaged latest checkpoint for the one before,
+with a warning. A checkpoint without a manifest (written before fasttune had them) is loaded with a
+warning that it could not be checked. `fingerprint` records what a run trains (model, adapter
+settings, data files and their contents, batching, seed); resuming with a different one is refused.
 """
 
 import hashlib
@@ -24,10 +30,15 @@ import torch
 from .tasks import for_config
 
 STATE = "trainer_state.pt"
+MANIFEST = "manifest.json"
 
 
 class ResumeError(RuntimeError):
     """Resuming is not possible as asked."""
+
+
+class CheckpointError(ResumeError):
+    """A checkpoint fails its check, or cannot be written."""
 
 
 def _file_hash(path) -> str:
@@ -72,10 +83,82 @@ def _diff(a, b, prefix=""):
 
 
 def checkpoints(run_dir) -> list[Path]:
+    """The run's checkpoint folders, oldest first (not yet verified)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step-*") if (p / STATE).is_file())
+    return sorted(p for p in root.glob("step-*") if p.is_dir())
+
+
+def is_checkpoint(path) -> bool:
+    """A folder that claims to be a checkpoint (whether or not it verifies)."""
+    path = Path(path)
+    return (path / STATE).is_file() or (path / MANIFEST).is_file()
+
+
+# ---- the manifest ------------------------------------------------------------------------------
+
+def _sha256(path, sync=False) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+        if sync:  # on disk before the rename makes the checkpoint visible
+            os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def _write_manifest(folder: Path):
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p, sync=True)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    with open(folder / MANIFEST, "w") as f:
+        json.dump({"fasttune_checkpoint": 1, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def problem(folder) -> str | None:
+    """What is wrong with checkpoint `folder` against its manifest (a file missing, a size or a
+    checksum that differs, a manifest that does not parse), or None when every file checks out.
+    A folder without a manifest but with trainer_state.pt (an earlier fasttune's) gives None."""
+    folder = Path(folder)
+    mf = folder / MANIFEST
+    if not mf.is_file():
+        return None if (folder / STATE).is_file() else f"{folder}: not a complete checkpoint (no {MANIFEST}, no {STATE})"
+    try:
+        files = json.loads(mf.read_text())["files"]
+        files = {str(k): (int(v["bytes"]), str(v["sha256"])) for k, v in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        return f"{mf}: the manifest is damaged ({type(e).__name__}: {str(e)[:80] or 'empty'})"
+    if STATE not in files:
+        return f"{mf}: the manifest does not list {STATE}"
+    for name, (size, digest) in files.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{f}: missing (the manifest lists it)"
+        if f.stat().st_size != size:
+            return f"{f}: {f.stat().st_size} bytes, the manifest says {size} (truncated or damaged)"
+        if _sha256(f) != digest:
+            return f"{f}: its sha256 differs from the manifest's (the file is damaged)"
+    return None
+
+
+def verify(folder, warn=print):
+    """Raise CheckpointError naming the file at fault unless `folder` checks out; an unverifiable
+    checkpoint of an earlier fasttune (no manifest) passes with a warning."""
+    bad = problem(folder)
+    if bad:
+        raise CheckpointError(bad)
+    if not (Path(folder) / MANIFEST).is_file():
+        warn(f"warning: {folder} has no {MANIFEST} (written by an earlier fasttune): loaded without a check")
 
 
 def _rng_state():
@@ -99,8 +182,49 @@ def _by_position(model, optimizer, sd):
             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]}
 
 
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _needed_bytes(model, model_sd, state) -> int:
+    """About what a checkpoint takes on disk: its tensors (the adapter, or the whole model)."""
+    if model_sd is not None:
+        weights = _tensor_bytes(model_sd)
+    elif hasattr(model, "peft_config"):
+        weights = sum(_tensor_bytes(p) for p in model.parameters() if p.requires_grad)
+    else:
+        weights = _tensor_bytes(model.state_dict())
+    return weights + _tensor_bytes(state)
+
+
+def _write(tmp, model, model_sd, state):
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, **({"state_dict": model_sd} if model_sd is not None else {}))
+    with open(tmp / STATE, "wb") as f:  # a Python file: a failed write keeps its OSError (errno) in the chain
+        torch.save(state, f)
+    _write_manifest(tmp)  # last: a folder with a manifest has every file it lists
+
+
+def _reason(e) -> str:
+    """The OS's words for a failed write (`No space left on device`, `File too large`), found in the
+    exception's chain (torch's writer wraps them), else the error's first line."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
 def save(run_dir, step, model, optimizer, scheduler, position, fp, keep, dist=None):
-    """Every rank calls this (under FSDP2 the full state is gathered); rank 0 writes."""
+    """Every rank calls this (under FSDP2 the full state is gathered); rank 0 writes. A failed write
+    (a full disk) leaves the earlier checkpoints as they were and raises CheckpointError on every rank."""
     from .distributed import Dist
 
     dist = dist or Dist()
@@ -109,36 +233,79 @@ def save(run_dir, step, model, optimizer, scheduler, position, fp, keep, dist=No
         optim_sd = _by_name(model, optimizer, optim_sd)
     rngs = dist.gather_objects(_rng_state())
     final = Path(run_dir) / "checkpoints" / f"step-{step:06d}"
+    error = None
     if dist.main:
         root = final.parent
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-        model.save_pretrained(tmp, **({"state_dict": model_sd} if model_sd is not None else {}))
         state = {"step": step, "position": position, "fingerprint": fp, "optimizer": optim_sd,
                  "scheduler": scheduler.state_dict(), "rng": rngs}
-        torch.save(state, tmp / STATE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()  # nobody goes on (or reads it) before it is complete
+        try:
+            _write(tmp, model, model_sd, state)
+        except Exception as e:  # ENOSPC, EFBIG, EDQUOT, ... from Python, safetensors or torch's writer
+            shutil.rmtree(tmp, ignore_errors=True)
+            need, free = _needed_bytes(model, model_sd, state), shutil.disk_usage(root).free
+            last = checkpoints(run_dir)
+            reason = _reason(e)
+            error = (f"cannot write checkpoint {final.name} in {root}: {reason}. It needs about {need:,} bytes "
+                     f"({free:,} free there). The earlier checkpoints are intact (last: "
+                     f"{last[-1].name if last else 'none'}); free some space and run the same command to resume")
+        else:
+            if final.exists():  # a step written again (run.resume = "never" in the same folder)
+                os.replace(final, root / f".tmp-old-{final.name}-{os.getpid()}")
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            older = [p for p in checkpoints(run_dir) if p.name < final.name]
+            for old in older[: max(0, len(older) - (keep - 1))]:  # only now that the new one is complete
+                shutil.rmtree(old, ignore_errors=True)
+            for stale in root.glob(".tmp-old-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+    error = dist.gather_objects(error)[0]  # also the barrier: nobody goes on (or reads it) before it is complete
+    if error:
+        raise CheckpointError(error)
     return final
 
 
-def find(run_dir, resume: str) -> Path | None:
-    """The checkpoint to resume from: "auto" -> the last complete one (or None), "never" -> None, else a path."""
+def find(run_dir, resume: str, warn=print) -> Path | None:
+    """The checkpoint to resume from, verified: "auto" -> the last one that checks out (a damaged one
+    is skipped with a warning; None when there is none at all), "never" -> None, else that folder."""
     if resume == "never":
         return None
-    if resume == "auto":
-        found = checkpoints(run_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / STATE).is_file():
-        raise ResumeError(f"run.resume = {resume!r} is not a complete checkpoint folder (no {STATE} in it)")
-    return path
+    if resume != "auto":
+        path = Path(resume)
+        if not is_checkpoint(path):
+            raise ResumeError(f"run.resume = {resume!r} is not a complete checkpoint folder (no {STATE} in it)")
+        bad = problem(path)
+        if bad:
+            raise CheckpointError(f"run.resume = {resume!r} fails its check, nothing was loaded from it: {bad}")
+        verify(path, warn)
+        return path
+    found = checkpoints(run_dir)
+    for ck in reversed(found):
+        bad = problem(ck)
+        if bad is None:
+            verify(ck, warn)
+            return ck
+        warn(f"warning: skipping checkpoint {ck.name}: {bad}")
+    if found:
+        raise CheckpointError(f"no checkpoint in {Path(run_dir) / 'checkpoints'} passes its check (see the warnings "
+                              "above); restore one, or set run.resume = \"never\" or a new run.output_dir to start over")
+    return None
+
+
+def pick(target, warn=print) -> Path | None:
+    """For merge, generate, chat and eval: a checkpoint folder, verified (one clear error naming the
+    file if it fails), or a run folder's last checkpoint that checks out (as `find` with "auto")."""
+    target = Path(target)
+    if is_checkpoint(target):
+        bad = problem(target)
+        if bad:
+            raise CheckpointError(f"{target} fails its check, nothing was loaded from it: {bad}")
+        verify(target, warn)
+        return target
+    return find(target, "auto", warn)
 
 
 def load(path, model, optimizer, scheduler, fp, dist=None) -> dict:

@@ -55,7 +55,9 @@ def _launch(args) -> int:
     mode_for(load_config(args.config, args.set), launched=True)  # a parallel mode it refuses: one line, here
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
             "-m", "fasttune", args.command, args.config, *[x for s in args.set for x in ("--set", s)]]
-    return subprocess.call(argv)
+    from fasttune.stopping import forward_to
+
+    return forward_to(subprocess.Popen(argv))
 
 
 def _train(args) -> int:
@@ -90,7 +92,7 @@ def _merge(args) -> int:
     from fasttune.models import load_tokenizer
 
     src = Path(args.run_dir)
-    ck = src if (src / checkpoint.STATE).is_file() else checkpoint.find(src, "auto")
+    ck = checkpoint.pick(src, warn=lambda m: print(m, file=sys.stderr))
     if ck is None:
         raise ConfigError(f"{src}: no complete checkpoint in {src / 'checkpoints'}")
     run_dir = ck.parent.parent
@@ -241,12 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     from fasttune.config import ConfigError
     from fasttune.data import DataError
     from fasttune.train import TrainingError
+    from fasttune.stopping import Stopped
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
         if getattr(args, "nproc", 0) > 0:
             return _launch(args)
         return args.func(args)
+    except Stopped as e:  # a stop signal, after the checkpoint: one line, the signal's exit status
+        if rank == 0:
+            print(e, file=sys.stderr)
+        return e.code
     except (ConfigError, DataError, ResumeError, TrainingError) as e:
         # under torchrun a config error or a resume refusal is the same on every rank: rank 0 says it.
         # Others (bad data, a reward function failing on one rank's example) are said by the rank that met them

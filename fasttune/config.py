@@ -95,6 +95,7 @@ class RunConfig:
     log_every: int = doc(1, "steps between metrics lines")
     eval_every: int = doc(0, "steps between evaluations; 0: at the end only (if an eval file is given)")
     save_every: int = doc(50, "steps between checkpoints; the last step is always saved")
+    save_every_minutes: float = doc(0.0, "also save when this many minutes passed since the last checkpoint; 0: off")
     keep: int = doc(2, "checkpoints kept")
     resume: str = doc("auto", '"auto" (the last complete checkpoint), "never", or a checkpoint folder')
     report_to: list = doc([], '"tensorboard" and/or "wandb": where metrics go besides metrics.jsonl')
@@ -302,6 +303,7 @@ def _validate(cfg, where):
             raise ConfigError(f"{where(section, key)} must be >= 1, got {getattr(obj, key)}")
     for section, key in [("train", "learning_rate"), ("train", "max_grad_norm"), ("train", "weight_decay"),
                          ("lora", "dropout"), ("train", "warmup_steps"), ("train", "max_steps"), ("dpo", "beta"),
+                         ("run", "save_every_minutes"),
                 ("dpo", "sft_weight"), ("grpo", "beta"), ("grpo", "temperature"), ("grpo", "epsilon_low"),
                 ("grpo", "epsilon_high")]:
         obj = getattr(cfg, section, None)

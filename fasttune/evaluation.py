@@ -22,14 +22,14 @@ from .models import device, load_tokenizer
 from .tasks import for_config
 
 
-def _target(cfg, adapter):
+def _target(cfg, adapter, log=print):
     """(checkpoint folder or None for the base, a description)."""
     from .infer import _run_of
 
     if adapter == "base":
         return None, "the base model (--adapter base)"
     if adapter is None:
-        ck = checkpoint.find(cfg.run.output_dir, "auto")
+        ck = checkpoint.pick(cfg.run.output_dir, warn=log)
         if ck is None:
             raise ConfigError(f"no checkpoint in run.output_dir = {cfg.run.output_dir!r} to evaluate; train first, "
                               "or pass --adapter RUN_OR_CHECKPOINT, or --adapter base for the model before training")
@@ -55,7 +55,7 @@ def evaluate(cfg, adapter=None, log=print) -> dict:
     split = "eval" if cfg.data.eval else "train"
     if split == "train":
         log(f"data.eval is not set: evaluating on data.train ({cfg.data.train})")
-    ck, what = _target(cfg, adapter)
+    ck, what = _target(cfg, adapter, log)
     tok = load_tokenizer(cfg.model)
     model = model_for(cfg, ck, dev, base=ck is None)
     log(f"evaluating {what} on {getattr(cfg.data, split)}")

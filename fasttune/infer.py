@@ -35,10 +35,11 @@ def _run_of(target: str):
     from .config import load_config
 
     path = Path(target)
-    if (path / checkpoint.STATE).is_file():
-        ck, run = path, path.parent.parent
+    warn = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if checkpoint.is_checkpoint(path):
+        ck, run = checkpoint.pick(path, warn), path.parent.parent
     elif (path / "config.toml").is_file() and (path / "checkpoints").is_dir():
-        run, ck = path, checkpoint.find(path, "auto")
+        run, ck = path, checkpoint.pick(path, warn)
         if ck is None:
             raise ConfigError(f"{path}: a run folder without a complete checkpoint (checkpoints/ has none); "
                               "train it first, or name a checkpoint folder")

@@ -4,9 +4,11 @@ A task (SFTTask here, DPOTask in dpo.py, GRPOTask in grpo.py) supplies a Stream 
 what a micro-batch counts (trained tokens, pairs, completions) and its loss. One optimizer step:
 take `grad_accum` micro-batches, add up their counts on the host, run each with that total as the
 normalizer so the summed gradient is the mean over the whole accumulated batch, clip, step,
-schedule. Every `save_every` steps (and at the end) a checkpoint; every step a line of
-metrics.jsonl and the progress bar. A NaN or infinite loss stops the run before the optimizer
-touches the weights, so the last checkpoint stays good.
+schedule. Every `save_every` steps or `save_every_minutes` (and at the end) a checkpoint; every
+step a line of metrics.jsonl and the progress bar. A NaN or infinite loss stops the run before the
+optimizer touches the weights, so the last checkpoint stays good. SIGTERM or Ctrl-C stops it after
+the step it is in, with a checkpoint (fasttune/stopping.py); every rank agrees on that, and on a
+timed save, through the step's one host all-reduce.
 """
 
 import json
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, stopping
 from .batches import epoch_plan, make_batch
 from .config import ConfigError, resolved_toml
 from .data import load_sft, packing_efficiency
@@ -215,7 +217,8 @@ def train(cfg, task_cls, log=print) -> dict:
     (fasttune/distributed.py)."""
     dist = distributed.start()
     try:
-        return _train(cfg, task_cls, log if dist.main else (lambda *a, **k: None), dist)
+        with stopping.StopSignals(main=dist.main, forwarded=dist.launched) as stop:
+            return _train(cfg, task_cls, log if dist.main else (lambda *a, **k: None), dist, stop)
     finally:
         dist.close()
 
@@ -247,6 +250,11 @@ class RunLog:
             self.bar.set_postfix(**shown)
             self.bar.update(1)
 
+    def end_line(self):
+        """Before an error is printed: the progress bar's line ends (the bar stays as it was)."""
+        if self.enabled:
+            self.bar.close()
+
     def close(self):
         if not self.enabled:
             return None
@@ -259,7 +267,7 @@ class RunLog:
         return json.loads(open(self.path).readline())
 
 
-def _train(cfg, task_cls, log, dist) -> dict:
+def _train(cfg, task_cls, log, dist, stop) -> dict:
     t = cfg.train
     dist.mode = distributed.mode_for(cfg, dist.launched)  # refuses what cannot be distributed, before any work
     torch.manual_seed(t.seed)
@@ -267,6 +275,7 @@ def _train(cfg, task_cls, log, dist) -> dict:
     dev = dist.device
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    ck = checkpoint.find(run_dir, cfg.run.resume, warn=log)  # verified before anything is loaded
 
     tok = load_tokenizer(cfg.model)
     task = task_cls(cfg, tok, log, dist)  # every rank reads and plans the same data
@@ -288,7 +297,6 @@ def _train(cfg, task_cls, log, dist) -> dict:
     fp = checkpoint.fingerprint(cfg, dist.world)
 
     step = 0
-    ck = checkpoint.find(run_dir, cfg.run.resume)
     if ck is not None:
         state = checkpoint.load(ck, model, opt, sched, fp, dist)
         step, stream.position = state["step"], dict(state["position"])
@@ -305,7 +313,19 @@ def _train(cfg, task_cls, log, dist) -> dict:
         torch.cuda.reset_peak_memory_stats()
     model.train()
     start, tokens_seen, last_row = time.perf_counter(), 0, None
+    saved, last_save, halted = (step, ck), time.monotonic(), False  # (step, folder) of the last checkpoint
+
+    def save():
+        try:
+            return step, checkpoint.save(run_dir, step, model, opt, sched, stream.position, fp, cfg.run.keep, dist)
+        except checkpoint.CheckpointError:
+            out.end_line()
+            raise
+
     while step < total:
+        if dist.world == 1 and stop.requested:  # one process: no need to begin another step
+            halted = True
+            break
         t0 = time.perf_counter()
         batches = stream.step(t.grad_accum, dist.rank, dist.world)
         # the normalizer of the whole global batch, summed over ranks on the host (gloo): no device sync
@@ -323,13 +343,17 @@ def _train(cfg, task_cls, log, dist) -> dict:
                 v = torch.as_tensor(v, dtype=torch.float32, device=dev)
                 extra[k] = extra.get(k, 0.0) + v * (task.count(b) / n_items)
         tokens, trained = sum(b.tokens for b in batches), sum(b.trained for b in batches)
-        # the one host sync of the step: the loss, the statistics and the counts of every rank together
-        summed = dist.sum(torch.stack([loss_sum.float(), *extra.values(),
-                                       torch.tensor(float(tokens), device=dev), torch.tensor(float(trained), device=dev)]))
-        loss, *values, tokens, trained = summed.tolist()
+        # the one host sync of the step: the loss, the statistics and the counts of every rank together,
+        # with each rank's "a stop signal came" and "a timed save is due" (so all ranks decide alike)
+        due = cfg.run.save_every_minutes > 0 and time.monotonic() - last_save >= 60 * cfg.run.save_every_minutes
+        summed = dist.sum(torch.stack([loss_sum.float(), *extra.values(), *torch.tensor(
+            [tokens, trained, stop.requested, due], dtype=torch.float32, device=dev)]))
+        loss, *values, tokens, trained, halting, due = summed.tolist()
+        halted = halting > 0
         extra = dict(zip(extra, values))
         if not math.isfinite(loss):  # a NaN on any rank is in the sum: every rank stops here
             last = checkpoint.checkpoints(run_dir)
+            out.end_line()
             raise TrainingError(f"the loss is {loss} at step {step + 1}; stopped before the optimizer step. "
                                 f"Last good checkpoint: {last[-1] if last else 'none'}. Try a lower "
                                 "train.learning_rate or check the data")
@@ -363,9 +387,18 @@ def _train(cfg, task_cls, log, dist) -> dict:
         out.show(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
                  mem=f"{row['peak_memory_mb']:.0f}MB", **shown)
         last_row = row
-        if step % cfg.run.save_every == 0 or step == total:
-            checkpoint.save(run_dir, step, model, opt, sched, stream.position, fp, cfg.run.keep, dist)
+        if step % cfg.run.save_every == 0 or step == total or due > 0 or halted:
+            saved = save()
+            last_save = time.monotonic()
+        if halted:
+            break
+    if halted and saved[0] != step:  # one process stopped between steps: the last one is not saved yet
+        saved = save()
     first = out.close()
+    if halted and step < total:
+        where = f"checkpoint {saved[1]}" if saved[1] else "nothing to save yet"
+        raise stopping.Stopped(f"stopped by {stop.name} at step {step} of {total}: {where}; "
+                               "run the same command to resume", stop.code)
     summary = {"steps": step, "first_loss": first and first["loss"], "last_loss": last_row and last_row["loss"],
                "eval_loss": last_row and last_row.get("eval_loss"), "tokens": tokens_seen,
                "seconds": round(time.perf_counter() - start, 1), "peak_memory_mb": round(dist.max(peak_memory_mb(dev)), 1),

@@ -52,7 +52,7 @@ def fingerprint(cfg, world: int = 1) -> dict:
         "batching": {"micro_batch_size": cfg.train.micro_batch_size, "seed": cfg.train.seed,
                      "micro-batches per step (train.grad_accum × processes)": cfg.train.grad_accum * world},
     }
-    for extra in ("dpo", "grpo"):
+    for extra in ("dpo", "grpo", "kto", "reward"):
         if extra in d:
             fp[extra] = d[extra]
     return json.loads(json.dumps(fp, default=str))

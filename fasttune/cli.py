@@ -3,6 +3,8 @@
     fasttune sft CONFIG.toml [--set section.key=value ...]   supervised fine-tuning
     fasttune dpo CONFIG.toml [--set ...]                     preference training (DPO)
     fasttune grpo CONFIG.toml [--set ...]                    online RL with reward functions (GRPO)
+    fasttune kto CONFIG.toml [--set ...]                     KTO on unpaired, labelled completions
+    fasttune reward CONFIG.toml [--set ...]                  a reward model (LoRA + scalar head) on pairs
     fasttune check CONFIG.toml [--set ...]                   validate config and data, train nothing
     fasttune sft CONFIG.toml --nproc N                       the same on N processes (GPUs) under torchrun
     torchrun --nproc_per_node N -m fasttune sft CONFIG.toml  the same, torchrun's way (and --nnodes)
@@ -79,6 +81,22 @@ def _dpo(args) -> int:
     from fasttune.dpo import train_dpo
 
     train_dpo(load_config(args.config, args.set, schema=DPOConfig))
+    return 0
+
+
+def _kto(args) -> int:
+    from fasttune.config import KTOConfig, load_config
+    from fasttune.kto import train_kto
+
+    train_kto(load_config(args.config, args.set, schema=KTOConfig))
+    return 0
+
+
+def _reward(args) -> int:
+    from fasttune.config import RewardConfig, load_config
+    from fasttune.reward import train_reward
+
+    train_reward(load_config(args.config, args.set, schema=RewardConfig))
     return 0
 
 
@@ -252,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn, text in (("sft", _sft, "supervised fine-tuning from a TOML config"),
                            ("dpo", _dpo, "preference training (DPO) from a TOML config with a [dpo] section"),
                            ("grpo", _grpo, "online RL (GRPO) with reward functions, from a config with a [grpo] section"),
+                           ("kto", _kto, "KTO on completions labelled desirable or not, from a config with a [kto] section"),
+                           ("reward", _reward, "train a reward model on preference pairs, from a config with a [reward] section"),
                            ("check", _check, "validate a config and its data without training")):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("config", help="the run's TOML config")

@@ -148,6 +148,63 @@ class DPOConfig:
     dpo: DPOSection = field(default_factory=DPOSection)
 
 
+from fasttune.kernels.kto import LOSS_TYPES as KTO_LOSS_TYPES  # noqa: E402 - light import
+
+
+@dataclass
+class KTODataConfig:
+    train: str = doc("", "unpaired completions (prompt/completion/label), or preference pairs with kto.from_pairs: "
+                         "JSON/JSONL, Parquet, CSV or Arrow file, datasets folder, or hub id")
+    eval: str = doc("", "optional held-out data, same format")
+    format: str = choice("auto", "auto", "kto", "prompt_chosen_rejected", "sharegpt", "openai")
+    columns: dict = doc({}, 'map the format\'s field names onto your columns, e.g. {completion = "answer"}')
+    split: str = doc("train", "split of a hub dataset or a datasets folder")
+    subset: str = doc("", "subset (configuration) of a hub dataset")
+    roles: dict = doc({}, "map other role names onto system/user/assistant")
+    overlong: str = choice("truncate", "error", "drop", "truncate",
+                           doc="completions over kto.max_len or kto.max_prompt_len (always counted)")
+
+
+@dataclass
+class KTOSection:
+    beta: float = doc(0.1, "strength of the KL regularization towards the reference")
+    loss_type: str = choice("kto", *KTO_LOSS_TYPES, doc="kto: against the batch KL estimate; apo_zero_unpaired: "
+                            "no KL term")
+    desirable_weight: float = doc(1.0, "weight of the desirable completions' losses")
+    undesirable_weight: float = doc(1.0, "weight of the undesirable completions' losses")
+    from_pairs: bool = doc(False, "read preference pairs as chosen = desirable, rejected = undesirable")
+    max_prompt_len: int = doc(512, "prompt tokens kept (the oldest are cut when truncating)")
+    max_len: int = doc(1024, "prompt + completion tokens")
+
+
+@dataclass
+class KTOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: KTODataConfig = field(default_factory=KTODataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/kto"))
+    kto: KTOSection = field(default_factory=KTOSection)
+
+
+@dataclass
+class RewardSection:
+    max_prompt_len: int = doc(512, "prompt tokens kept (the oldest are cut when truncating)")
+    max_len: int = doc(1024, "prompt + response tokens")
+    center_rewards_coefficient: float = doc(0.0, "weight of mean((r_chosen + r_rejected)²), which keeps rewards "
+                                            "centred on 0 (TRL's center_rewards_coefficient); 0: off")
+
+
+@dataclass
+class RewardConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: PrefDataConfig = field(default_factory=PrefDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/reward"))
+    reward: RewardSection = field(default_factory=RewardSection)
+
+
 from fasttune.kernels.grpo import LOSS_TYPES as GRPO_LOSS_TYPES  # noqa: E402 - light import
 
 
@@ -178,7 +235,8 @@ class GRPOSection:
     mask_truncated_completions: bool = doc(False, "completions that hit max_completion_len get no loss")
     num_iterations: int = doc(1, "optimizer steps on each batch of samples (uses their old log-probs)")
     reward_funcs: list = doc(["math_answer"], 'built-in (math_answer, format, digit_ratio) or "file.py:function" / "module:function"')
-    reward_weights: list = doc([], "one weight per reward function (default: all 1)")
+    reward_models: list = doc([], "reward-model run folders (fasttune reward) scoring the completions, after reward_funcs")
+    reward_weights: list = doc([], "one weight per reward function, then per reward model (default: all 1)")
 
 
 @dataclass
@@ -280,7 +338,8 @@ def _validate(cfg, where):
     positive = [("train", "micro_batch_size"), ("train", "grad_accum"), ("data", "max_seq_len"), ("lora", "r"),
                 ("run", "keep"), ("run", "log_every"), ("dpo", "max_len"), ("dpo", "max_prompt_len"),
                 ("grpo", "num_generations"), ("grpo", "prompts_per_step"), ("grpo", "max_prompt_len"),
-                ("grpo", "max_completion_len"), ("grpo", "num_iterations")]
+                ("grpo", "max_completion_len"), ("grpo", "num_iterations"), ("kto", "max_len"), ("kto", "max_prompt_len"),
+                ("reward", "max_len"), ("reward", "max_prompt_len")]
     for section, key in positive:
         obj = getattr(cfg, section, None)
         if obj is not None and hasattr(obj, key) and getattr(obj, key) < 1:
@@ -288,7 +347,8 @@ def _validate(cfg, where):
     for section, key in [("train", "learning_rate"), ("train", "max_grad_norm"), ("train", "weight_decay"),
                          ("lora", "dropout"), ("train", "warmup_steps"), ("train", "max_steps"), ("dpo", "beta"),
                 ("dpo", "sft_weight"), ("grpo", "beta"), ("grpo", "temperature"), ("grpo", "epsilon_low"),
-                ("grpo", "epsilon_high")]:
+                ("grpo", "epsilon_high"), ("kto", "beta"), ("kto", "desirable_weight"), ("kto", "undesirable_weight"),
+                ("reward", "center_rewards_coefficient")]:
         obj = getattr(cfg, section, None)
         if obj is not None and hasattr(obj, key) and getattr(obj, key) < 0:
             raise ConfigError(f"{where(section, key)} must be >= 0, got {getattr(obj, key)}")
@@ -310,7 +370,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def load_config(path, overrides=None, schema=None):
-    """Read a config; without `schema`, a [dpo] section picks DPOConfig, else SFTConfig."""
+    """Read a config; without `schema`, a [dpo], [grpo], [kto] or [reward] section picks its schema, else SFTConfig."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -321,7 +381,8 @@ def load_config(path, overrides=None, schema=None):
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     data = apply_overrides(data, overrides)
     if schema is None:
-        schema = DPOConfig if "dpo" in data else GRPOConfig if "grpo" in data else SFTConfig
+        schema = next((c for k, c in (("dpo", DPOConfig), ("grpo", GRPOConfig), ("kto", KTOConfig),
+                                      ("reward", RewardConfig)) if k in data), SFTConfig)
     return parse_config(data, schema, text, str(path))
 
 
@@ -374,7 +435,17 @@ def grpo_reference_markdown() -> str:
     return reference_markdown(GRPOConfig, sections=("data", "grpo"))
 
 
+def kto_reference_markdown() -> str:
+    return reference_markdown(KTOConfig, sections=("data", "kto"))
+
+
+def reward_reference_markdown() -> str:
+    return reference_markdown(RewardConfig, sections=("reward",))
+
+
 if __name__ == "__main__":  # python -m fasttune.config: print the reference
     print(reference_markdown())
     print(dpo_reference_markdown())
     print(grpo_reference_markdown())
+    print(kto_reference_markdown())
+    print(reward_reference_markdown())

@@ -61,6 +61,10 @@ def evaluate(cfg, adapter=None, log=print) -> dict:
     with torch.no_grad():
         if hasattr(cfg, "grpo"):
             out = _grpo(cfg, tok, model, dev, log)
+        elif hasattr(cfg, "kto"):
+            out = _kto(cfg, tok, model, dev, split, log)
+        elif hasattr(cfg, "reward"):
+            out = _reward(cfg, tok, model, dev, split, log)
         elif hasattr(cfg, "dpo"):
             out = _dpo(cfg, tok, model, dev, split, log)
         else:
@@ -115,6 +119,26 @@ def _dpo(cfg, tok, model, dev, split, log):
         for k, v in stats.items():  # micro-batch means, weighted by its pairs
             sums[k] = sums.get(k, 0.0) + float(v) * len(group) / n
     return {"eval_loss": sums.pop("loss"), **{f"eval_{k}": v for k, v in sums.items()}, "eval_pairs": n}
+
+
+def _kto(cfg, tok, model, dev, split, log):
+    from .kto import KTOTask
+
+    task = KTOTask(cfg, tok, log)
+    if cfg.model.adapter:
+        task.setup(model, dev)
+    items = task.eval_items if split == "eval" else task.items
+    sums = task.metrics(model, items, dev)
+    return {"eval_loss": sums.pop("loss"), **{f"eval_{k}": v for k, v in sums.items()}, "eval_completions": len(items)}
+
+
+def _reward(cfg, tok, model, dev, split, log):
+    from .reward import RewardTask
+
+    task = RewardTask(cfg, tok, log)
+    pairs = task.eval_pairs if split == "eval" else task.pairs
+    sums = task.metrics(model, pairs, dev)
+    return {"eval_loss": sums.pop("loss"), **{f"eval_{k}": v for k, v in sums.items()}, "eval_pairs": len(pairs)}
 
 
 def _grpo(cfg, tok, model, dev, log):

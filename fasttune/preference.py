@@ -139,6 +139,9 @@ def _fit(ids, labels, max_prompt_len, max_len):
 def load_pairs(path, tokenizer, data_cfg, dpo_cfg) -> tuple[list[PairExample], PairReport]:
     records = read_data(path, data_cfg)
     fmt = data_cfg.format if data_cfg.format != "auto" else detect(records[0][1])
+    if fmt is None and "completion" in records[0][1] and "label" in records[0][1]:
+        raise DataError(f"{path}: unpaired completions (prompt/completion/label) given to a command that trains on "
+                        "pairs; train them with `fasttune kto`, or give prompt/chosen/rejected pairs")
     if fmt is None:
         raise DataError(f"{records[0][0]}: not a preference record (keys: {sorted(records[0][1])}); expected "
                         "prompt/chosen/rejected, ShareGPT conversations with labeled candidates, or "

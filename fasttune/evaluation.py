@@ -56,7 +56,14 @@ def evaluate(cfg, adapter=None, log=print) -> dict:
         log(f"data.eval is not set: evaluating on data.train ({cfg.data.train})")
     ck, what = _target(cfg, adapter)
     tok = load_tokenizer(cfg.model)
-    model = model_for(cfg, ck, dev, base=ck is None)
+    if hasattr(cfg, "reward"):  # LoRA + a score head: loaded as trained (the base alone has no trained head)
+        from .reward import load_reward_model
+
+        if ck is None:
+            raise ConfigError("--adapter base: a reward model's base has no trained score head to evaluate")
+        model = load_reward_model(cfg, dev, ck, trainable=False).eval()
+    else:
+        model = model_for(cfg, ck, dev, base=ck is None)
     log(f"evaluating {what} on {getattr(cfg.data, split)}")
     with torch.no_grad():
         if hasattr(cfg, "grpo"):

@@ -128,7 +128,8 @@ def evaluate(model, examples, cfg, pad_id, dev, autocast) -> float:
 
 # each task's own curves in loss.png, beside the loss: (title, metrics)
 TASK_PANELS = {"reward_accuracy": [("DPO reward accuracy", ["reward_accuracy"]), ("DPO reward margin", ["reward_margin"])],
-               "completion_len": [("GRPO mean reward", None), ("completion length", ["completion_len"])]}
+               "completion_len": [("GRPO mean reward", None), ("completion length", ["completion_len"])],
+               "accuracy": [("reward model accuracy", ["accuracy"]), ("reward model margin", ["margin"])]}
 
 
 def plot_losses(metrics_path, png_path):
@@ -270,7 +271,7 @@ def _train(cfg, task_cls, log, dist) -> dict:
 
     tok = load_tokenizer(cfg.model)
     task = task_cls(cfg, tok, log, dist)  # every rank reads and plans the same data
-    model = load_model(cfg, dev)
+    model = task.load_model(cfg, dev) if hasattr(task, "load_model") else load_model(cfg, dev)  # reward: + a head
     if hasattr(task, "setup"):
         task.setup(model, dev, run_dir, dist)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -165,7 +165,7 @@ def _trl_inputs(batch):
         return {f"{prefix}input_ids": b.input_ids, f"{prefix}attention_mask": b.attention_mask,
                 f"{prefix}completion_mask": completion}
 
-    return {**side(batch, ""), **side(batch.kl, "KL_"), "label": batch.desirable.tolist()}
+    return {**side(batch, ""), **side(batch.kl, "KL_"), "label": batch.desirable.clone()}
 
 
 def test_loss_and_gradients_match_trl_kto_trainer(tmp_path):

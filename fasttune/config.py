@@ -4,7 +4,7 @@ An unknown or misplaced key, a wrong type or a bad value is a `ConfigError` that
 the line, the key, and the nearest valid key. `--set section.key=value` overrides a key (the value
 is read as TOML, or taken as a string). `resolved_toml` writes the config back out as it was run.
 
-Sections: [model], [lora], [data], [train], [run]; a command adds its own ([dpo], [grpo]).
+Sections: [model], [lora], [data], [train], [run]; a command adds its own ([dpo], [grpo], [kto], [reward]).
 """
 
 import dataclasses

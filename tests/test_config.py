@@ -80,9 +80,12 @@ def test_readme_reference_is_current():
     """The README's configuration tables are generated from the config's own docs: keep them in sync."""
     from pathlib import Path
 
-    from fasttune.config import dpo_reference_markdown, grpo_reference_markdown, reference_markdown
+    from fasttune.config import (dpo_reference_markdown, grpo_reference_markdown, kto_reference_markdown,
+                                 reference_markdown, reward_reference_markdown)
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert reference_markdown() in readme, "run: python -m fasttune.config and paste it into the README"
     assert dpo_reference_markdown() in readme, "run: python -m fasttune.config and paste it into the README"
     assert grpo_reference_markdown() in readme, "run: python -m fasttune.config and paste it into the README"
+    assert kto_reference_markdown() in readme, "run: python -m fasttune.config and paste it into the README"
+    assert reward_reference_markdown() in readme, "run: python -m fasttune.config and paste it into the README"

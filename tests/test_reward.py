@@ -151,7 +151,7 @@ def test_example_learns(tmp_path):
     """examples/reward.toml: held-out pair accuracy near 1 within a few dozen steps."""
     from fasttune.reward import train_reward
 
-    cfg = config(tmp_path, f'data.eval={json.dumps(str(DATA / "dpo_pairs_eval.jsonl"))}', "train.max_steps=20",
-                 "run.eval_every=20")
+    cfg = config(tmp_path, f'data.eval={json.dumps(str(DATA / "dpo_pairs_eval.jsonl"))}', "train.max_steps=12",
+                 "run.eval_every=12")
     out = train_reward(cfg, log=quiet)
     assert out["last"]["eval_accuracy"] >= 0.9

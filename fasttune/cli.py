@@ -135,12 +135,21 @@ def _check(args) -> int:
         print(f"  first prompt ({p['where']}), as the model sees it:\n    " + p["text"].replace("\n", "\n    "))
         print("ok: the config, the prompts and the reward functions are valid")
         return 0
-    if hasattr(cfg, "dpo"):
+    if hasattr(cfg, "kto"):
+        from fasttune.unpaired import load_unpaired
+
+        for name in ("train", "eval"):
+            if getattr(cfg.data, name):
+                items, report = load_unpaired(getattr(cfg.data, name), tok, cfg.data, cfg.kto)
+                print(f"[{name}] " + report.summary())
+        print("ok: the config and the data are valid")
+        return 0
+    if hasattr(cfg, "dpo") or hasattr(cfg, "reward"):
         from fasttune.preference import load_pairs
 
         for name in ("train", "eval"):
             if getattr(cfg.data, name):
-                pairs, report = load_pairs(getattr(cfg.data, name), tok, cfg.data, cfg.dpo)
+                pairs, report = load_pairs(getattr(cfg.data, name), tok, cfg.data, getattr(cfg, "dpo", None) or cfg.reward)
                 print(f"[{name}] " + report.summary())
                 if name == "train":
                     p = pairs[0]

@@ -210,8 +210,11 @@ def test_example_learns(tmp_path):
     """examples/kto.toml: reward accuracy near 1 on the held-out completions within a few dozen steps."""
     from fasttune.kto import train_kto
 
-    cfg = config(tmp_path, f'data.eval={json.dumps(str(DATA / "kto_unpaired_eval.jsonl"))}', "train.max_steps=40",
-                 "model.load_in_4bit=true", "run.eval_every=40")
+    cfg = config(tmp_path, f'data.eval={json.dumps(str(DATA / "kto_unpaired_eval.jsonl"))}', "train.max_steps=30",
+                 "run.eval_every=30")
     out = train_kto(cfg, log=quiet)
-    assert out["last"]["eval_reward_accuracy"] >= 0.9
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert rows[0]["reward_accuracy"] == 0.0  # every reward is 0 at the first step
+    assert sum(r["reward_accuracy"] for r in rows[-10:]) / 10 >= 0.9
+    assert out["last"]["eval_reward_accuracy"] >= 0.85
     assert out["last"]["eval_loss"] < 0.45

@@ -114,6 +114,7 @@ def test_reward_models_as_grpo_rewards(trained, tmp_path, capsys):
     assert torch.allclose(total, 0.5 * raw[:, 0] + 2.0 * raw[:, 1])
     # a path that is not a reward model: one line naming the key
     sft_like = json.dumps(str(DATA))
+    capsys.readouterr()  # the loads above wrote progress bars
     assert main(["grpo", str(ROOT / "examples" / "grpo.toml"), "--set", f"grpo.reward_models=[{sft_like}]"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "grpo.reward_models" in err and "is not a reward model" in err

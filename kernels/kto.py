@@ -41,11 +41,18 @@ def kto_kl(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
     return (kl_logps.detach().float() - ref_kl_logps.to(kl_logps.device).float()).mean().clamp(min=0)
 
 
+def _sigmoid(x):
+    """σ(x) as exp(log σ(x)): the same value, but its gradient σ(x)σ(-x) keeps full fp32 precision where
+    σ(x) is near 1 (torch.sigmoid's backward forms 1 - σ(x) there, and loses it)."""
+    return torch.exp(F.logsigmoid(x))
+
+
 def _losses(loss_type, r, desirable, z0, beta):
+    # 1 - σ(x) = σ(-x)
     if loss_type == "kto":
-        return torch.where(desirable, 1 - torch.sigmoid(beta * (r - z0)), 1 - torch.sigmoid(beta * (z0 - r)))
+        return torch.where(desirable, _sigmoid(beta * (z0 - r)), _sigmoid(beta * (r - z0)))
     if loss_type == "apo_zero_unpaired":
-        return torch.where(desirable, 1 - torch.sigmoid(beta * r), torch.sigmoid(beta * r))
+        return torch.where(desirable, _sigmoid(-beta * r), _sigmoid(beta * r))
     raise AssertionError(loss_type)
 
 

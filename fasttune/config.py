@@ -33,7 +33,7 @@ def doc(default, text, **kw):
 
 @dataclass
 class ModelConfig:
-    path: str = doc("builtin:tiny-llama", "local folder or hub id of a causal LM; builtin:tiny-llama needs no download")
+    path: str = doc("builtin:tiny-llama", "local folder, hub id or .gguf file of a causal LM; builtin:tiny-llama needs no download")
     adapter: str = doc("", "an existing PEFT adapter folder to start from")
     finetune: str = choice("lora", "lora", "full", doc="train LoRA adapters, or every weight")
     load_in_4bit: bool = doc(True, "QLoRA: the frozen base in bitsandbytes 4-bit")

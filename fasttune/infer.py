@@ -93,7 +93,8 @@ def load(target: str, dev, *, base=False) -> Loaded:
                 f"{cfg.model.path}{quant} + {'adapter' if cfg.model.finetune == 'lora' else 'weights'} {ck}")
         return Loaded(model_for(cfg, ck, dev, base=base), load_tokenizer(cfg.model), what, cfg)
     path = Path(target)
-    if not (target.startswith("builtin:") or (path / "config.json").is_file() or ("/" in target and not path.exists())):
+    if not (target.startswith("builtin:") or target.lower().endswith(".gguf") or (path / "config.json").is_file()
+            or ("/" in target and not path.exists())):
         raise ConfigError(f"{target}: not a fasttune run, checkpoint or model folder (no config.toml with "
                           "checkpoints/, no trainer_state.pt, no config.json)")
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():

@@ -1,6 +1,7 @@
 """Loading the model and tokenizer a run trains: QLoRA (4-bit NF4 base + LoRA), LoRA, or full.
 
-The model comes from a local folder, a hub id, or `builtin:<name>` (fasttune/builtin.py); then
+The model comes from a local folder, a hub id, a .gguf file (converted once: fasttune/gguf_model.py)
+or `builtin:<name>` (fasttune/builtin.py); then
 `fasttune.kernels.apply` makes its attention varlen and its loss fused.
 """
 
@@ -27,6 +28,8 @@ def _remote(load, model_cfg, what):
     line naming the key."""
     try:
         return load()
+    except ConfigError:
+        raise
     except (ValueError, OSError, KeyError) as e:
         if "trust_remote_code" in str(e):
             raise ConfigError(f"model.path = {model_cfg.path!r} needs its own Python code to load; if you trust it, "

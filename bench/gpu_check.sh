@@ -9,6 +9,7 @@
 #   e2e_8b        the same at the Llama-3-8B shape
 #   kernel_bench  the kernel benchmarks (pytest bench, without the end-to-end smoke file)
 #   e2e_rl        DPO and GRPO steps, Llama-3.2-1B shape
+#   trl_compare   fasttune beside TRL (and TRL + Liger) on the real model: SFT, DPO, GRPO (bench/trl_compare.py)
 #   the rest      torchrun with one process (DDP on the GPU), 8192-token rows, Qwen2.5-7B, the end-to-end smoke tests, the remaining test suite
 # Results are appended as JSON lines the moment each is measured (OUTDIR/e2e.jsonl, OUTDIR/bench.jsonl),
 # so a stage that times out loses only what it had not measured yet. Every stage logs to OUTDIR/NAME.log;
@@ -77,6 +78,9 @@ BENCH_JSONL="$OUT/bench.jsonl" stage kernel_bench 100 \
     $PY -m pytest bench -q -p no:cacheprovider --ignore=bench/test_bench_e2e.py --benchmark-columns=median,min,rounds
 cp bench/results/*.json "$OUT/" 2>/dev/null
 e2e e2e_rl 70 llama-3.2-1b dpo,grpo
+# fasttune beside TRL (SFT, DPO, GRPO; TRL also with use_liger_kernel=True) on SmolLM2-135M-Instruct, CUDA peaks;
+# needs the model cached (~/.cache/fasttune/models, FASTTUNE_CACHE): without it, one line and nothing measured
+BENCH_TRL_STEPS=${BENCH_TRL_STEPS:-5} stage trl_compare 150 $PY bench/trl_compare.py all --out "$OUT/trl.jsonl"
 
 # ---- the rest, with the time left ------------------------------------------------------------------
 # torchrun with one process: the launcher, NCCL and DDP on the GPU (QLoRA SFT demo, 30 steps)

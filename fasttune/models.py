@@ -111,6 +111,10 @@ def load_model(cfg, dev=None, *, trainable=True, lora=True, quiet=False):
         model.to(dev)
     elif dev.type == "cpu":
         keep_4bit_layout(model)
+    if dev.type == "cpu":
+        from .memory import release_checkpoint_pages
+
+        release_checkpoint_pages(model)  # the loaded file's pages would stay resident for the whole run
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

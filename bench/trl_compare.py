@@ -432,8 +432,8 @@ def to_result(provider, task, m):
                  peak_bytes=m["peak_bytes"], tokens_per_s=tokens / med)
     res.extra = {"trained_tokens_per_s": trained / med, "tokens_per_step": tokens, "first_loss": m["losses"][0],
                  "warmup_losses": m["losses"][:1], "warmup_checks": [m["check"]] if m.get("check") is not None else [],
-                 "losses": m["losses"], "step_s": m["step_s"], "cpu_s": m["cpu_s"], "gradient_checkpointing": True,
-                 "cpu_s_per_step": statistics.median(m["cpu_s"][i] for i in timed)}
+                 "losses": m["losses"], "step_s": m["step_s"], "cpu_s": m.get("cpu_s"), "gradient_checkpointing": True,
+                 "cpu_s_per_step": statistics.median(m["cpu_s"][i] for i in timed) if m.get("cpu_s") else None}
     if "split" in m:
         res.extra["split"] = {k: round(statistics.median(m["split"][i][k] for i in timed), 3)
                               for k in ("generation_s", "reference_s", "training_s")}
@@ -487,6 +487,28 @@ def compare(task, providers, emit, tmp: Path):
     return results
 
 
+def collect(folder: Path, path: Path) -> int:
+    """Results of runs made one by one (`run PROVIDER TASK DIR/TASK-PROVIDER`), saved with a plot."""
+    import harness
+    import report
+
+    results = []
+    for task in TASKS:
+        rs = {}
+        for p in ["fasttune", "trl", "trl_liger"]:
+            f = folder / f"{task}-{p}" / "result.json"
+            if f.is_file():
+                rs[p] = to_result(p, task, json.loads(f.read_text()))
+        if "fasttune" in rs and "trl" in rs and (diff := agreement(rs["fasttune"], rs["trl"], task)) is not None:
+            rs["trl"].extra.update(agrees_with="fasttune", max_rel_diff=diff, agrees=diff <= TOLERANCE)
+            rs["fasttune"].extra.setdefault("agrees", True)
+        results += rs.values()
+    harness.save(results, path)
+    report.plot(report.load(path), path.with_suffix(".png"))
+    print(report.tables(report.load(path)))
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -498,10 +520,15 @@ def main(argv=None):
     every.add_argument("--out", type=Path, required=True)
     every.add_argument("--tasks", default=",".join(TASKS))
     every.add_argument("--providers", default="fasttune,trl,trl_liger")
+    col = sub.add_parser("collect", help="turn the result.json of runs made apart (DIR/TASK-PROVIDER) into a results file")
+    col.add_argument("dir", type=Path)
+    col.add_argument("--save", type=Path, required=True)
     args = ap.parse_args(argv)
     if args.cmd == "run":
         run_one(args.provider, args.task, args.workdir)
         return 0
+    if args.cmd == "collect":
+        return collect(args.dir, args.save)
     from dataclasses import asdict
 
     from harness import env_info

@@ -53,8 +53,8 @@ def test_beside_trl(recorder, prepared, tmp_path, task, capsys):
     ours.extra["goals"] = goals
     with capsys.disabled():
         print(f"\n{task}: fasttune vs TRL: {goals}")
-    # Bounds with margin on 2 shared cores (measured ratios: docs/trl-comparison.md). Memory (SFT, DPO:
-    # measured 0.66 and ~0.7): fasttune's peak RSS under 0.9 x TRL's; GRPO's peaks are about equal
+    # Bounds with margin on 2 shared cores (measured ratios: docs/trl-comparison.md). Memory (SFT 0.66
+    # after the memory fix, DPO 0.82 before it): peak RSS under 0.9 x TRL's; GRPO's are about equal
     # (loading dominates), so none is asserted. Speed: CPU seconds per step (robust to other processes'
     # load, unlike wall time) at most 2 x TRL's. The goals themselves are reported, not asserted.
     if task != "grpo":

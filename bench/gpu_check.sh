@@ -11,6 +11,7 @@
 #   e2e_rl        DPO and GRPO steps, Llama-3.2-1B shape
 #   rollout       GRPO rollouts on SmolLM2-135M: live QLoRA, merged copy (dynamic / static cache, continuous
 #                 batching) vs plain transformers; prints the AUTO_ENGINE line for fasttune/rollout.py
+#   trl_compare   fasttune beside TRL (and TRL + Liger) on the real model: SFT, DPO, GRPO (bench/trl_compare.py)
 #   the rest      torchrun with one process (DDP on the GPU), 8192-token rows, Qwen2.5-7B, the end-to-end smoke tests, the remaining test suite
 # Results are appended as JSON lines the moment each is measured (OUTDIR/e2e.jsonl, OUTDIR/bench.jsonl),
 # so a stage that times out loses only what it had not measured yet. Every stage logs to OUTDIR/NAME.log;
@@ -81,6 +82,9 @@ cp bench/results/*.json "$OUT/" 2>/dev/null
 e2e e2e_rl 70 llama-3.2-1b dpo,grpo
 # the model is converted from the GGUF in the carried cache (tests/real_model.py); without it the stage says so
 stage rollout 90 $PY bench/rollout.py --out "$OUT/rollout.jsonl" --sizes 8x64,128x64 --rounds 3
+# fasttune beside TRL (SFT, DPO, GRPO; TRL also with use_liger_kernel=True) on SmolLM2-135M-Instruct, CUDA peaks;
+# needs the model cached (~/.cache/fasttune/models, FASTTUNE_CACHE): without it, one line and nothing measured
+BENCH_TRL_STEPS=${BENCH_TRL_STEPS:-5} stage trl_compare 150 $PY bench/trl_compare.py all --out "$OUT/trl.jsonl"
 
 # ---- the rest, with the time left ------------------------------------------------------------------
 # torchrun with one process: the launcher, NCCL and DDP on the GPU (QLoRA SFT demo, 30 steps)

@@ -115,6 +115,10 @@ def load_model(cfg, dev=None, *, trainable=True, lora=True, quiet=False):
         model.to(dev)
     elif dev.type == "cpu":
         keep_4bit_layout(model)
+    if dev.type == "cpu":
+        from .memory import release_checkpoint_pages
+
+        release_checkpoint_pages(model)  # the loaded file's pages would stay resident for the whole run
     if cfg.train.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -4,8 +4,10 @@ import torch
 
 
 def ce_reference(logits, labels, *, ignore_index=-100, loss_mask=None, reduction="mean", num_items=None,
-                 label_smoothing=0.0, z_loss=0.0, softcap=None):
-    """Cross-entropy in float64 straight from its definition (differentiable w.r.t. logits)."""
+                 label_smoothing=0.0, z_loss=0.0, softcap=None, token_scaling=False, class_weights=None):
+    """Cross-entropy in float64 straight from its definition (differentiable w.r.t. logits).
+    token_scaling (DFT): each token's loss × its detached p_y; class_weights [V]: × c[y], and the
+    mean divides by Σ c[y] over trained tokens, as F.cross_entropy(weight=c)."""
     z = logits.double()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
@@ -13,11 +15,15 @@ def ce_reference(logits, labels, *, ignore_index=-100, loss_mask=None, reduction
     if loss_mask is not None:
         w = w * loss_mask.double()
     y = torch.where(labels == ignore_index, 0, labels)
+    if class_weights is not None:
+        w = w * class_weights.double()[y]
     logp = torch.log_softmax(z, dim=-1)
     lse = torch.logsumexp(z, dim=-1)
     nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
     smooth = -logp.mean(-1)
     loss = w * ((1 - label_smoothing) * nll + label_smoothing * smooth + z_loss * lse**2)
+    if token_scaling:
+        loss = loss * (-nll).exp().detach()
     if reduction == "none":
         return loss
     if reduction == "sum":

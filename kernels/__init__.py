@@ -10,6 +10,7 @@ from .cross_entropy import CEStats, cross_entropy, fused_linear_cross_entropy
 from .dpo import DPOStats, dpo_loss
 from .grpo import GRPOStats, grpo_loss
 from .logprobs import linear_logprobs
+from .preference import PreferenceStats, preference_loss
 
 
 def apply(model, **kwargs):
@@ -34,6 +35,7 @@ def applied(model, **kwargs):
 
 __all__ = [
     "apply", "applied", "revert",
-    "CEStats", "DPOStats", "GRPOStats",
-    "cross_entropy", "dpo_loss", "fused_linear_cross_entropy", "grpo_loss", "linear_logprobs", "varlen_attention",
+    "CEStats", "DPOStats", "GRPOStats", "PreferenceStats",
+    "cross_entropy", "dpo_loss", "fused_linear_cross_entropy", "grpo_loss", "linear_logprobs", "preference_loss",
+    "varlen_attention",
 ]

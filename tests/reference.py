@@ -121,3 +121,27 @@ def grpo_reference(logp, mask, advantages, *, old_logps=None, ref_logps=None, be
     low = ((ratio < 1 - eps_low) & (A < 0) & mask).double().sum() / m.sum()
     high = ((ratio > 1 + eps_high) & (A > 0) & mask).double().sum() / m.sum()
     return loss, kl, low, high
+
+
+def preference_reference(logp, labels, *, loss_type, beta, simpo_gamma=0.5, cpo_alpha=1.0, label_smoothing=0.0,
+                         average_log_prob=False, ignore_index=-100, num_pairs=None, num_chosen_tokens=None):
+    """ORPO / SimPO / CPO in float64 on per-token log-probs [2B, T], from TRL's ORPOTrainer and
+    CPOTrainer: the pair term's mean (Σ / num_pairs) plus the NLL's mean over every chosen token."""
+    import torch.nn.functional as F
+
+    keep = (labels != ignore_index).double()
+    logp = logp.double() * keep
+    seq = logp.sum(-1)
+    if loss_type != "cpo" or average_log_prob:
+        seq = seq / keep.sum(-1).clamp_min(1)
+    B = seq.shape[0] // 2
+    c, r, eps = seq[:B], seq[B:], label_smoothing
+    n_tok = keep[:B].sum() if num_chosen_tokens is None else torch.as_tensor(float(num_chosen_tokens), dtype=torch.float64)
+    nll = -logp[:B].sum() / n_tok if n_tok > 0 else logp.sum() * 0
+    if loss_type == "orpo":
+        log_odds = (c - r) - (torch.log(-torch.expm1(c)) - torch.log(-torch.expm1(r)))
+        pairs, weight = -beta * F.logsigmoid(log_odds), 1.0
+    else:
+        h = c - r - (simpo_gamma / beta if loss_type == "simpo" else 0.0)
+        pairs, weight = -F.logsigmoid(beta * h) * (1 - eps) - F.logsigmoid(-beta * h) * eps, cpo_alpha
+    return pairs.sum() / (B if num_pairs is None else num_pairs) + weight * nll

@@ -110,6 +110,7 @@ class SFTConfig:
 
 
 from fasttune.kernels.dpo import LOSS_TYPES as DPO_LOSS_TYPES  # noqa: E402 - light import
+from fasttune.kernels.preference import LOSS_TYPES as REFERENCE_FREE_LOSS_TYPES  # noqa: E402 - light import
 
 
 @dataclass
@@ -127,9 +128,13 @@ class PrefDataConfig:
 
 @dataclass
 class DPOSection:
-    beta: float = doc(0.1, "strength of the KL regularization towards the reference")
-    loss_type: str = choice("sigmoid", *DPO_LOSS_TYPES)
-    label_smoothing: float = doc(0.0, "conservative DPO (sigmoid, robust, exo_pair)")
+    beta: float = doc(0.1, "strength of the KL regularization towards the reference; orpo: λ, the weight of the "
+                           "odds-ratio term; simpo/cpo: the scale of the log-prob margin")
+    loss_type: str = choice("sigmoid", *DPO_LOSS_TYPES, *REFERENCE_FREE_LOSS_TYPES,
+                            doc="orpo, simpo, cpo: reference-free (no reference forward); see docs/preference-losses.md")
+    label_smoothing: float = doc(0.0, "conservative DPO (sigmoid, robust, exo_pair; also simpo, cpo)")
+    simpo_gamma: float = doc(0.5, "simpo: the target reward margin γ")
+    cpo_alpha: float = doc(1.0, "simpo, cpo: weight of the NLL term on the chosen responses (0: off)")
     average_log_prob: bool = doc(False, "average the log-probs over each response's tokens instead of summing")
     max_prompt_len: int = doc(512, "prompt tokens kept (the oldest are cut when truncating)")
     max_len: int = doc(1024, "prompt + response tokens")
@@ -287,7 +292,7 @@ def _validate(cfg, where):
             raise ConfigError(f"{where(section, key)} must be >= 1, got {getattr(obj, key)}")
     for section, key in [("train", "learning_rate"), ("train", "max_grad_norm"), ("train", "weight_decay"),
                          ("lora", "dropout"), ("train", "warmup_steps"), ("train", "max_steps"), ("dpo", "beta"),
-                ("dpo", "sft_weight"), ("grpo", "beta"), ("grpo", "temperature"), ("grpo", "epsilon_low"),
+                ("dpo", "sft_weight"), ("dpo", "cpo_alpha"), ("grpo", "beta"), ("grpo", "temperature"), ("grpo", "epsilon_low"),
                 ("grpo", "epsilon_high")]:
         obj = getattr(cfg, section, None)
         if obj is not None and hasattr(obj, key) and getattr(obj, key) < 0:

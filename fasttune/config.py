@@ -101,11 +101,20 @@ class RunConfig:
 
 
 @dataclass
+class SFTTrainConfig(TrainConfig):
+    loss: str = choice("nll", "nll", "dft", doc="sft only. nll: cross-entropy; dft: each token's loss × its detached "
+                       'probability (Dynamic Fine-Tuning, TRL\'s loss_type="dft")')
+    class_weights: dict = doc({}, 'sft only. A weight per target token (keys as the tokenizer spells its tokens), '
+                              'the others 1, e.g. {"!" = 2.0}; the mean divides by the summed weights (torch\'s '
+                              "cross_entropy `weight`)")
+
+
+@dataclass
 class SFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 

@@ -66,7 +66,7 @@ def test_matches_float64_reference(backend, case):
 
 
 class _Accel:  # the one attribute TRL's loss methods read from the accelerator
-    device = torch.device("cpu")
+    device = torch.empty(0).device  # where the tests' tensors are (CUDA on a GPU machine)
 
 
 def _trl_orpo(beta):
@@ -123,26 +123,26 @@ def _tiny_model():
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_pretrained(builtin.resolve("builtin:tiny-llama"), attn_implementation="eager",
-                                                dtype=torch.float32)
+                                                dtype=torch.float32).to(torch.empty(0).device)
 
 
 def _trl_batch(B, prompt_len, V, gen):
     """TRL's tokenized pair batch: chosen_/rejected_ input_ids, attention_mask, labels (prompt and
     padding -100), right-padded, different lengths."""
-    batch = {}
+    batch, cpu = {}, torch.device("cpu")  # made on the host (the generator's device), then moved
     for side in ("chosen", "rejected"):
-        lengths = [prompt_len + int(torch.randint(2, 9, (), generator=gen)) for _ in range(B)]
+        lengths = [prompt_len + int(torch.randint(2, 9, (), generator=gen, device=cpu)) for _ in range(B)]
         T = max(lengths)
-        ids = torch.zeros(B, T, dtype=torch.long)
-        mask = torch.zeros(B, T, dtype=torch.long)
-        labels = torch.full((B, T), -100)
+        ids = torch.zeros(B, T, dtype=torch.long, device=cpu)
+        mask = torch.zeros(B, T, dtype=torch.long, device=cpu)
+        labels = torch.full((B, T), -100, device=cpu)
         for i, n in enumerate(lengths):
-            ids[i, :n] = torch.randint(1, V, (n,), generator=gen)
+            ids[i, :n] = torch.randint(1, V, (n,), generator=gen, device=cpu)
             mask[i, :n] = 1
             labels[i, prompt_len:n] = ids[i, prompt_len:n]
         ids[:, :prompt_len] = ids[0, :prompt_len]  # the same prompt on both sides
         batch |= {f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_labels": labels}
-    return batch
+    return {k: v.to(torch.empty(0).device) for k, v in batch.items()}
 
 
 def _ours(model, trl_cls, batch, **kw):
@@ -162,7 +162,7 @@ def test_matches_trl_trainer_forward_on_a_model(loss_type):
     from trl.experimental.orpo import ORPOTrainer
 
     model = _tiny_model()
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (), device="cpu")))
     V = model.config.vocab_size
     if loss_type == "orpo":
         batch, cls, beta = _trl_batch(3, 1, V, gen), ORPOTrainer, 0.3
@@ -176,7 +176,7 @@ def test_matches_trl_trainer_forward_on_a_model(loss_type):
                              loss_type="sigmoid" if loss_type == "cpo" else "simpo", simpo_gamma=0.7, cpo_alpha=0.5,
                              label_smoothing=0.0)
         kw = dict(loss_type=loss_type, beta=beta, simpo_gamma=0.7, cpo_alpha=0.5)
-    trainer.accelerator = Accelerator(cpu=True)
+    trainer.accelerator = Accelerator(cpu=not torch.cuda.is_available())
     params = [p for p in model.parameters() if p.requires_grad]
     theirs, _ = cls.get_batch_loss_metrics(trainer, model, batch)
     g_theirs = torch.autograd.grad(theirs, params, allow_unused=True)

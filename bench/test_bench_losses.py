@@ -43,4 +43,5 @@ def test_memory_bound(kernel):
     shape = PAIRS if kernel in PREFERENCE else TOKENS
     ours = peak_memory(kernel, "fasttune", shape, DTYPE)
     naive = peak_memory(kernel, "naive", shape, DTYPE)
+    print(f"{kernel}: fasttune {ours / 2**20:.0f} MiB, naive {naive / 2**20:.0f} MiB, ratio {ours / naive:.3f}")
     assert ours <= 0.2 * naive, f"{kernel}: fasttune peak {ours / 2**20:.0f} MiB > 0.2 × naive {naive / 2**20:.0f} MiB"

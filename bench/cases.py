@@ -235,6 +235,134 @@ def _loss_runner(loss_fn, h):
     return run
 
 
+# ---- the reference-free preference losses (ORPO, SimPO, CPO) and the SFT loss family -------------
+
+
+PREF = {"orpo_loss": ("orpo", dict(beta=0.1)), "simpo_loss": ("simpo", dict(beta=2.0, simpo_gamma=0.5, cpo_alpha=0.0)),
+        "cpo_loss": ("cpo", dict(beta=0.1, cpo_alpha=1.0))}
+
+
+def _naive_pref(loss_type, h, w, labels, B, beta, simpo_gamma=0.5, cpo_alpha=1.0):
+    """What TRL's ORPOTrainer / CPOTrainer do: full fp32 logits, log_softmax, gather, and
+    nn.CrossEntropyLoss on the chosen half's logits for the NLL."""
+    logits = (h @ w.t()).float()
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
+    seq = logp.sum(-1)
+    if loss_type != "cpo":
+        seq = seq / (labels != -100).sum(-1)
+    nll = F.cross_entropy(logits[:B].flatten(0, 1), labels[:B].flatten())
+    c, r = seq[:B], seq[B:]
+    if loss_type == "orpo":
+        log_odds = (c - r) - (torch.log(-torch.expm1(c)) - torch.log(-torch.expm1(r)))
+        return nll - beta * F.logsigmoid(log_odds).mean()
+    margin = c - r - (simpo_gamma / beta if loss_type == "simpo" else 0.0)
+    return -F.logsigmoid(beta * margin).mean() + cpo_alpha * nll
+
+
+def _pref_case(kernel):
+    """B pairs of T tokens (the first half of each sequence prompt) through a frozen head."""
+    loss_type, kw = PREF[kernel]
+
+    def case(provider, shape, dtype):
+        g = torch.Generator().manual_seed(0)
+        B, T, V = shape["B"], shape["T"], shape["V"]
+        h, w = _head_inputs(2 * B, T, shape, DTYPES[dtype], g)
+        labels = torch.randint(0, V, (2 * B, T), generator=g)
+        labels[:, : T // 2] = -100
+        if provider == "fasttune":
+            from fasttune.kernels import preference_loss
+
+            def loss_fn():
+                return preference_loss(h, w, labels, loss_type=loss_type, **kw)[0]  # labels stay on the host
+        elif provider == "naive":
+            labels_d = labels.to(device())
+
+            def loss_fn():
+                return _naive_pref(loss_type, h, w, labels_d, B, **kw)
+        elif provider == "liger":
+            loss_fn = _liger_pref(loss_type, kw, h, w, labels.to(device()))
+        else:
+            raise Unavailable(f"no provider {provider!r} for {kernel}")
+        return _loss_runner(loss_fn, h)
+
+    return case
+
+
+def _liger_pref(loss_type, kw, h, w, labels):
+    cuda_only("Liger-Kernel")
+    try:
+        from liger_kernel.chunked_loss import (LigerFusedLinearCPOLoss, LigerFusedLinearORPOLoss,
+                                               LigerFusedLinearSimPOLoss)
+    except ImportError as e:
+        raise Unavailable(f"liger-kernel not installed ({e})") from None
+    if loss_type == "orpo":
+        liger = LigerFusedLinearORPOLoss(beta=kw["beta"])
+    elif loss_type == "simpo":
+        liger = LigerFusedLinearSimPOLoss(beta=kw["beta"], gamma=kw["simpo_gamma"], alpha=kw["cpo_alpha"])
+    else:
+        liger = LigerFusedLinearCPOLoss(beta=kw["beta"], alpha=kw["cpo_alpha"])
+
+    def loss_fn():
+        out = liger(w, h, labels)
+        return out[0] if isinstance(out, tuple) else out
+
+    return loss_fn
+
+
+SFT_FAMILY = {"flce_dft": dict(token_scaling=True), "flce_class_weights": dict(class_weights=True)}
+
+
+def _sft_family_case(kernel):
+    """fused_linear_cross_entropy with DFT (token scaling) or class weights, trainable head."""
+    opts = SFT_FAMILY[kernel]
+
+    def case(provider, shape, dtype):
+        h, w, y = _flce_inputs(shape, DTYPES[dtype])
+        g = torch.Generator().manual_seed(1)
+        c = (torch.rand(shape["V"], generator=g) * 2).to(device()) if "class_weights" in opts else None
+        if provider == "fasttune":
+            from fasttune.kernels import fused_linear_cross_entropy
+
+            kw = {"token_scaling": True} if c is None else {"class_weights": c}
+
+            def loss_fn():
+                return fused_linear_cross_entropy(h, w, y, **kw)
+        elif provider == "naive":
+            def loss_fn():
+                logits = F.linear(h, w).float()
+                if c is not None:
+                    return F.cross_entropy(logits, y, weight=c)
+                logp = torch.log_softmax(logits, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+                return (-logp * logp.exp().detach()).mean()  # TRL's dft
+        elif provider == "liger":
+            loss_fn = _liger_sft(h, w, y, c)
+        else:
+            raise Unavailable(f"no provider {provider!r} for {kernel}")
+
+        def run():
+            loss_fn().backward()
+            h.grad = w.grad = None
+            sync()
+
+        return run
+
+    return case
+
+
+def _liger_sft(h, w, y, c):
+    cuda_only("Liger-Kernel")
+    import inspect
+
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError as e:
+        raise Unavailable(f"liger-kernel not installed ({e})") from None
+    if c is None and "use_token_scaling" not in inspect.signature(liger_fused_linear_cross_entropy).parameters:
+        raise Unavailable("this liger-kernel has no use_token_scaling")
+    kw = {"use_token_scaling": True} if c is None else {"ce_weight": c}
+    return lambda: liger_fused_linear_cross_entropy(h, w, y, **kw)
+
+
 # ---- varlen attention ------------------------------------------------------------------------
 
 
@@ -454,7 +582,7 @@ def _alloc_case(provider, shape, dtype):
 
 CASES = {"alloc": _alloc_case, "fused_linear_cross_entropy": _flce_case, "dpo_loss": _dpo_case, "grpo_loss": _grpo_case, "kto_loss": _kto_case,
          "varlen_attention": _attention_case, "sft_demo": _sft_demo_case, "sft_ranks": _sft_ranks_case, "dpo_step": _dpo_step_case,
-         "grpo_demo": _grpo_demo_case}
+         "grpo_demo": _grpo_demo_case, **{k: _pref_case(k) for k in PREF}, **{k: _sft_family_case(k) for k in SFT_FAMILY}}
 PEERS = {"torch_chunked", "torch_compile", "liger", "cce", "varlen_attn", "flex"}
 
 

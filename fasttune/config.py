@@ -102,15 +102,25 @@ class RunConfig:
 
 
 @dataclass
+class SFTTrainConfig(TrainConfig):
+    loss: str = choice("nll", "nll", "dft", doc="sft only. nll: cross-entropy; dft: each token's loss × its detached "
+                       'probability (Dynamic Fine-Tuning, TRL\'s loss_type="dft")')
+    class_weights: dict = doc({}, 'sft only. A weight per target token (keys as the tokenizer spells its tokens), '
+                              'the others 1, e.g. {"!" = 2.0}; the mean divides by the summed weights (torch\'s '
+                              "cross_entropy `weight`)")
+
+
+@dataclass
 class SFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
 from fasttune.kernels.dpo import LOSS_TYPES as DPO_LOSS_TYPES  # noqa: E402 - light import
+from fasttune.kernels.preference import LOSS_TYPES as REFERENCE_FREE_LOSS_TYPES  # noqa: E402 - light import
 
 
 @dataclass
@@ -128,9 +138,13 @@ class PrefDataConfig:
 
 @dataclass
 class DPOSection:
-    beta: float = doc(0.1, "strength of the KL regularization towards the reference")
-    loss_type: str = choice("sigmoid", *DPO_LOSS_TYPES)
-    label_smoothing: float = doc(0.0, "conservative DPO (sigmoid, robust, exo_pair)")
+    beta: float = doc(0.1, "strength of the KL regularization towards the reference; orpo: λ, the weight of the "
+                           "odds-ratio term; simpo/cpo: the scale of the log-prob margin")
+    loss_type: str = choice("sigmoid", *DPO_LOSS_TYPES, *REFERENCE_FREE_LOSS_TYPES,
+                            doc="orpo, simpo, cpo: reference-free (no reference forward); see docs/preference-losses.md")
+    label_smoothing: float = doc(0.0, "conservative DPO (sigmoid, robust, exo_pair; also simpo, cpo)")
+    simpo_gamma: float = doc(0.5, "simpo: the target reward margin γ")
+    cpo_alpha: float = doc(1.0, "simpo, cpo: weight of the NLL term on the chosen responses (0: off)")
     average_log_prob: bool = doc(False, "average the log-probs over each response's tokens instead of summing")
     max_prompt_len: int = doc(512, "prompt tokens kept (the oldest are cut when truncating)")
     max_len: int = doc(1024, "prompt + response tokens")
@@ -363,7 +377,7 @@ def _validate(cfg, where):
     for section, key in [("train", "learning_rate"), ("train", "max_grad_norm"), ("train", "weight_decay"),
                          ("lora", "dropout"), ("train", "warmup_steps"), ("train", "max_steps"), ("dpo", "beta"),
                          ("run", "save_every_minutes"),
-                ("dpo", "sft_weight"), ("grpo", "beta"), ("grpo", "temperature"), ("grpo", "epsilon_low"),
+                ("dpo", "sft_weight"), ("dpo", "cpo_alpha"), ("grpo", "beta"), ("grpo", "temperature"), ("grpo", "epsilon_low"),
                 ("grpo", "epsilon_high"), ("kto", "beta"), ("kto", "desirable_weight"), ("kto", "undesirable_weight"),
                 ("reward", "center_rewards_coefficient")]:
         obj = getattr(cfg, section, None)

@@ -9,6 +9,10 @@ policy's nor the reference's.
   under no_grad, and caches them in the run folder keyed by a hash of the data and the model.
 - Loss: normalized by the pairs of the whole accumulated batch (`num_pairs`); with `sft_weight`,
   plus the mean NLL per token of the chosen responses (RPO).
+- Reference-free losses (`loss_type` orpo, simpo, cpo: `fasttune.kernels.preference_loss`): no
+  reference at all, so no reference forward, no precompute, no adapter switching. Their NLL term is
+  each micro-batch's mean over its chosen tokens, weighted by its share of the pairs (as TRL's
+  trainers with gradient accumulation).
 """
 
 import contextlib
@@ -19,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from fasttune.kernels import dpo_loss, linear_logprobs
+from fasttune.kernels import dpo_loss, linear_logprobs, preference_loss
+from fasttune.kernels.preference import LOSS_TYPES as REFERENCE_FREE
 
 from .batches import padded_batch
 from .checkpoint import _file_hash
@@ -38,7 +43,8 @@ class DPOTask:
         self.cfg, self.tok, self.d = cfg, tok, cfg.dpo
         if not cfg.data.train:
             raise ConfigError("data.train is empty: set it to a JSON or JSONL file of preference pairs")
-        if cfg.model.finetune == "full" and self.d.reference == "live":
+        _check_reference_free(self.d)
+        if cfg.model.finetune == "full" and self.d.reference == "live" and not self.reference_free:
             raise ConfigError('DPO with model.finetune = "full" has no adapter to switch off for the reference: '
                               'set dpo.reference = "precompute"')
         self.pairs, report = load_pairs(cfg.data.train, tok, cfg.data, self.d)
@@ -81,6 +87,10 @@ class DPOTask:
                 yield
 
     @property
+    def reference_free(self):
+        return self.d.loss_type in REFERENCE_FREE
+
+    @property
     def averaged(self):
         """Sequence log-probs are averaged over tokens, not summed (dpo_loss's rule, as TRL's)."""
         return self.d.average_log_prob or self.d.loss_type == "ipo"
@@ -104,6 +114,8 @@ class DPOTask:
             return self.sequence_logps(model, batch, dev)
 
     def setup(self, model, dev, run_dir, dist=None):
+        if self.reference_free:
+            return  # nothing to load or precompute
         if self.cfg.model.adapter and self.cfg.model.finetune == "lora":
             model.load_adapter(self.cfg.model.adapter, adapter_name="reference", is_trainable=False)
             model.set_adapter("default")
@@ -144,6 +156,8 @@ class DPOTask:
     # ---- the loss -----------------------------------------------------------------------------
 
     def loss(self, model, batch, n_pairs, dev, split="train"):
+        if self.reference_free:
+            return self.reference_free_loss(model, batch, n_pairs, dev)
         ref = self.reference_logps(model, batch, dev, split)
         hidden, head = self._hidden(model, batch, dev)
         d = self.d
@@ -159,6 +173,25 @@ class DPOTask:
                  "logps_chosen": s.chosen_logps.detach().mean(), "logps_rejected": s.rejected_logps.detach().mean()}
         return loss, stats
 
+    def reference_free_loss(self, model, batch, n_pairs, dev):
+        hidden, head = self._hidden(model, batch, dev)
+        labels = batch.shift_labels.view(hidden.shape[:2])
+        B = hidden.shape[0] // 2
+        # NLL: this micro-batch's mean over chosen tokens, weighted by its share B / n_pairs of the pairs
+        n_tok = float((labels[:B] != -100).sum()) * n_pairs / B  # host labels: no sync
+        d = self.d
+        loss, s = preference_loss(hidden, head.weight, labels, loss_type=d.loss_type, beta=d.beta,
+                                  simpo_gamma=d.simpo_gamma, cpo_alpha=d.cpo_alpha, label_smoothing=d.label_smoothing,
+                                  average_log_prob=d.average_log_prob, num_pairs=n_pairs, num_chosen_tokens=n_tok,
+                                  bias=head.bias, softcap=head.softcap)
+        stats = {"rewards_chosen": s.chosen_rewards.mean(), "rewards_rejected": s.rejected_rewards.mean(),
+                 "reward_accuracy": s.reward_accuracy, "reward_margin": s.reward_margin,
+                 "logps_chosen": s.chosen_logps.detach().mean(), "logps_rejected": s.rejected_logps.detach().mean(),
+                 "nll_loss": s.nll * n_pairs / B}  # the micro-batch's own mean (the loop weights it by B / n_pairs)
+        if s.log_odds_ratio is not None:
+            stats |= {"log_odds_ratio": s.log_odds_ratio, "log_odds_chosen": s.log_odds_chosen}
+        return loss, stats
+
     def evaluate(self, model, dev, autocast):
         if not self.eval_pairs:
             return None
@@ -170,6 +203,21 @@ class DPOTask:
                 total += float(self.loss(model, self.batch(self.eval_pairs, group), n, dev, "eval")[0])
         model.train()
         return total
+
+
+def _check_reference_free(d):
+    """Keys that mean nothing (or something else) for orpo, simpo and cpo: one clear line each."""
+    if d.loss_type not in REFERENCE_FREE:
+        return
+    if d.reference != "live":
+        raise ConfigError(f'dpo.loss_type = "{d.loss_type}" uses no reference model: remove dpo.reference = '
+                          f'"{d.reference}"')
+    if d.sft_weight:
+        raise ConfigError(f'dpo.sft_weight is for DPO (RPO); with dpo.loss_type = "{d.loss_type}" the NLL term is '
+                          + ("always on (ORPO)" if d.loss_type == "orpo" else "weighted by dpo.cpo_alpha")
+                          + ": set dpo.sft_weight = 0")
+    if d.loss_type == "orpo" and d.label_smoothing:
+        raise ConfigError('dpo.label_smoothing is not part of ORPO: set it to 0, or use dpo.loss_type = "simpo" or "cpo"')
 
 
 def train_dpo(cfg, log=print) -> dict:

@@ -102,16 +102,24 @@ class Stream:
         return [self.build(g) for g in groups[rank * accum : (rank + 1) * accum]]
 
 
-def lm_loss(model, batch, n_items, dev):
+def lm_loss(model, batch, n_items, dev, options=None):
     """The batch's loss summed over trained tokens / n_items: from the fused head `apply()` installed,
-    or, for a model it could not patch, from the model's logits."""
-    out = model(**batch.model_kwargs(dev), num_items_in_batch=n_items)
-    if out.loss is not None:
-        return out.loss
+    or, for a model it could not patch, from the model's logits. `options`: the SFT loss family
+    (token_scaling, class_weights) for the fused cross-entropy."""
     from fasttune.kernels import cross_entropy
+    from fasttune.kernels.hf import fused_loss
 
+    options = options or {}
+    kw = batch.model_kwargs(dev)
+    if options and not fused_loss(model):  # the model's own head: our loss on its logits
+        kw.pop("shift_labels")
+        out = model(**kw)
+    else:
+        out = model(**kw, num_items_in_batch=n_items, **options)
+        if out.loss is not None:
+            return out.loss
     return cross_entropy(out.logits.flatten(0, -2), batch.shift_labels.reshape(-1), reduction="mean",
-                         num_items=n_items)
+                         num_items=n_items, **options)
 
 
 def evaluate(model, examples, cfg, pad_id, dev, autocast) -> float:
@@ -179,6 +187,7 @@ class SFTTask:
         if cfg.data.packing and cfg.train.micro_batch_size < cfg.data.max_seq_len:
             raise ConfigError(f"with data.packing, train.micro_batch_size is tokens per row and must be >= "
                               f"data.max_seq_len ({cfg.train.micro_batch_size} < {cfg.data.max_seq_len})")
+        self.loss_options = sft_loss_options(cfg.train, tok)  # checked before the data is read
         examples, report = load_sft(cfg.data.train, tok, cfg.data)
         log(report.summary())
         self.eval_examples = load_sft(cfg.data.eval, tok, cfg.data)[0] if cfg.data.eval else None
@@ -198,13 +207,38 @@ class SFTTask:
         pass  # nothing to prepare
 
     def count(self, batch):
+        if "class_weights" in self.loss_options:  # the mean divides by the summed weights of the trained tokens
+            y = batch.shift_labels
+            return float(self.loss_options["class_weights"][y.clamp_min(0)][y != -100].sum())
         return batch.trained
 
     def loss(self, model, batch, n_items, dev):
-        return lm_loss(model, batch, n_items, dev), {}
+        weights = self.loss_options.get("class_weights")
+        V = model.get_output_embeddings().weight.shape[0]
+        if weights is not None and weights.shape[0] < V:  # a head padded beyond the tokenizer: those classes weigh 1
+            self.loss_options["class_weights"] = torch.cat([weights, torch.ones(V - weights.shape[0])])
+        return lm_loss(model, batch, n_items, dev, self.loss_options), {}
 
     def evaluate(self, model, dev, autocast):
         return evaluate(model, self.eval_examples, self.cfg, self.tok.pad_token_id, dev, autocast) if self.eval_examples else None
+
+
+def sft_loss_options(t, tok) -> dict:
+    """train.loss and train.class_weights as fused_linear_cross_entropy's options."""
+    options = {"token_scaling": True} if t.loss == "dft" else {}
+    if t.class_weights:
+        V = len(tok)
+        weights = torch.ones(V)
+        for token, w in t.class_weights.items():
+            i = tok.convert_tokens_to_ids(token)
+            if not isinstance(i, int) or not 0 <= i < V or tok.convert_ids_to_tokens(i) != token:
+                raise ConfigError(f"train.class_weights: {token!r} is not a token of the tokenizer; keys are tokens "
+                                  f"as the tokenizer spells them, e.g. {tok.eos_token or tok.convert_ids_to_tokens(V - 1)!r}")
+            if not isinstance(w, (int, float)) or w < 0:
+                raise ConfigError(f"train.class_weights[{token!r}] must be a number >= 0, got {w!r}")
+            weights[i] = float(w)
+        options["class_weights"] = weights
+    return options
 
 
 def train_sft(cfg, log=print) -> dict:
@@ -330,7 +364,8 @@ def _train(cfg, task_cls, log, dist, stop) -> dict:
         t0 = time.perf_counter()
         batches = stream.step(t.grad_accum, dist.rank, dist.world)
         # the normalizer of the whole global batch, summed over ranks on the host (gloo): no device sync
-        n_items = int(dist.sum(torch.tensor(sum(task.count(b) for b in batches))))
+        counted = float(dist.sum(torch.tensor(sum(task.count(b) for b in batches), dtype=torch.float64)))
+        n_items = int(counted) if counted.is_integer() else counted  # a float: summed class weights (SFT)
         loss_sum = torch.zeros((), device=dev)
         extra = {}
         for i, b in enumerate(batches):

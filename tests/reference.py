@@ -4,8 +4,10 @@ import torch
 
 
 def ce_reference(logits, labels, *, ignore_index=-100, loss_mask=None, reduction="mean", num_items=None,
-                 label_smoothing=0.0, z_loss=0.0, softcap=None):
-    """Cross-entropy in float64 straight from its definition (differentiable w.r.t. logits)."""
+                 label_smoothing=0.0, z_loss=0.0, softcap=None, token_scaling=False, class_weights=None):
+    """Cross-entropy in float64 straight from its definition (differentiable w.r.t. logits).
+    token_scaling (DFT): each token's loss × its detached p_y; class_weights [V]: × c[y], and the
+    mean divides by Σ c[y] over trained tokens, as F.cross_entropy(weight=c)."""
     z = logits.double()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
@@ -13,11 +15,15 @@ def ce_reference(logits, labels, *, ignore_index=-100, loss_mask=None, reduction
     if loss_mask is not None:
         w = w * loss_mask.double()
     y = torch.where(labels == ignore_index, 0, labels)
+    if class_weights is not None:
+        w = w * class_weights.double()[y]
     logp = torch.log_softmax(z, dim=-1)
     lse = torch.logsumexp(z, dim=-1)
     nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
     smooth = -logp.mean(-1)
     loss = w * ((1 - label_smoothing) * nll + label_smoothing * smooth + z_loss * lse**2)
+    if token_scaling:
+        loss = loss * (-nll).exp().detach()
     if reduction == "none":
         return loss
     if reduction == "sum":
@@ -128,3 +134,27 @@ def grpo_reference(logp, mask, advantages, *, old_logps=None, ref_logps=None, be
     # clip fractions over tokens, or over (non-empty) sequences when there is one ratio and one A per sequence
     w = m if low.shape[1] > 1 else (m.sum(-1, keepdim=True) > 0).double()
     return loss, kl, (low * w).sum() / w.sum(), (high * w).sum() / w.sum()
+
+
+def preference_reference(logp, labels, *, loss_type, beta, simpo_gamma=0.5, cpo_alpha=1.0, label_smoothing=0.0,
+                         average_log_prob=False, ignore_index=-100, num_pairs=None, num_chosen_tokens=None):
+    """ORPO / SimPO / CPO in float64 on per-token log-probs [2B, T], from TRL's ORPOTrainer and
+    CPOTrainer: the pair term's mean (Σ / num_pairs) plus the NLL's mean over every chosen token."""
+    import torch.nn.functional as F
+
+    keep = (labels != ignore_index).double()
+    logp = logp.double() * keep
+    seq = logp.sum(-1)
+    if loss_type != "cpo" or average_log_prob:
+        seq = seq / keep.sum(-1).clamp_min(1)
+    B = seq.shape[0] // 2
+    c, r, eps = seq[:B], seq[B:], label_smoothing
+    n_tok = keep[:B].sum() if num_chosen_tokens is None else torch.as_tensor(float(num_chosen_tokens), dtype=torch.float64)
+    nll = -logp[:B].sum() / n_tok if n_tok > 0 else logp.sum() * 0
+    if loss_type == "orpo":
+        log_odds = (c - r) - (torch.log(-torch.expm1(c)) - torch.log(-torch.expm1(r)))
+        pairs, weight = -beta * F.logsigmoid(log_odds), 1.0
+    else:
+        h = c - r - (simpo_gamma / beta if loss_type == "simpo" else 0.0)
+        pairs, weight = -F.logsigmoid(beta * h) * (1 - eps) - F.logsigmoid(-beta * h) * eps, cpo_alpha
+    return pairs.sum() / (B if num_pairs is None else num_pairs) + weight * nll

@@ -77,6 +77,15 @@ OPTIONS = {
     "all_none": {"_bias": True, "_mask": "bool", "label_smoothing": 0.05, "z_loss": 1e-3, "softcap": 3.0,
                  "reduction": "none"},
     "all_sum": {"_bias": True, "label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 2.0, "reduction": "sum"},
+    # the SFT loss family: DFT (token scaling) and class weights
+    "dft": {"token_scaling": True, "_scale": 3.0},
+    "dft_none": {"token_scaling": True, "reduction": "none", "_scale": 3.0},
+    "dft_all": {"token_scaling": True, "_bias": True, "_mask": "float", "label_smoothing": 0.1, "z_loss": 1e-3,
+                "softcap": 3.0, "_scale": 3.0},
+    "class_weights": {"_class_weights": True},
+    "class_weights_none": {"_class_weights": True, "reduction": "none"},
+    "class_weights_dft_sum": {"_class_weights": True, "token_scaling": True, "_mask": "bool", "z_loss": 1e-3,
+                              "reduction": "sum", "_scale": 2.0},
 }
 
 
@@ -93,6 +102,8 @@ def build(opts, N=37, V=203, dtype=torch.float32):
         y[::3] = 7
     if opts.get("num_items") == "tensor":
         opts["num_items"] = torch.tensor(55.0)
+    if opts.pop("_class_weights", False):  # some classes weigh 0, the rest in (0, 3)
+        opts["class_weights"] = torch.rand(V) * 3 * (torch.rand(V) > 0.2)
     return h, w, b, y, opts
 
 
@@ -296,3 +307,93 @@ def test_bad_input_is_a_clear_error():
             fused_linear_cross_entropy(h, w, bad)
     with pytest.raises(ValueError, match="backend"):
         fused_linear_cross_entropy(h, w, y, backend="cuda")
+
+
+# ---- the SFT loss family: DFT (token scaling) and class weights ------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["dft", "dft_none", "class_weights", "class_weights_dft_sum"])
+def test_sft_family_on_logits(backend, case):
+    _, _, _, y, opts = build(OPTIONS[case])
+    logits = (torch.randn(len(y), 203) * 3).requires_grad_()
+    loss = cross_entropy(logits, y, backend=backend, **opts)
+    up = torch.randn_like(loss) if opts.get("reduction") == "none" else None
+    (g,) = torch.autograd.grad(loss, (logits,), up)
+    l64 = logits.detach().double().requires_grad_()
+    ref = ce_reference(l64, y, **opts)
+    (g_ref,) = torch.autograd.grad(ref, (l64,), None if up is None else up.double())
+    assert rel_err(loss, ref) < TOL[torch.float32] and rel_err(g, g_ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_weights_match_torch(backend):
+    """The class weights are F.cross_entropy's `weight`: same loss, same normalization by Σ c[y]."""
+    h, w, b, y = make(N=29, V=101)
+    c = torch.rand(101) * 2
+    loss = fused_linear_cross_entropy(h, w, y, class_weights=c, backend=backend, chunk_size=8)
+    theirs = F.cross_entropy((h @ w.T).double(), y, weight=c.double())
+    assert rel_err(loss, theirs) < TOL[torch.float32]
+    ours = cross_entropy(h @ w.T, y, class_weights=c, backend=backend)
+    assert rel_err(ours, theirs) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dft_matches_trl_formula(backend):
+    """TRL's dft: per_token_loss = -logp · exp(logp).detach(), summed / the trained-token count."""
+    h, w, b, y = make(N=31, V=101, scale=3.0)
+    loss = fused_linear_cross_entropy(h, w, y, token_scaling=True, backend=backend, chunk_size=8)
+    (gh,) = torch.autograd.grad(loss, (h,))
+    h64 = h.detach().double().requires_grad_()
+    logp = torch.log_softmax(h64 @ w.detach().double().T, -1)
+    keep = y != -100
+    lp = logp.gather(1, torch.where(keep, y, 0)[:, None]).squeeze(1) * keep
+    ref = (-lp * lp.exp().detach()).sum() / keep.sum().clamp(min=1)
+    ref.backward()
+    assert rel_err(loss, ref) < TOL[torch.float32] and rel_err(gh, h64.grad) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_dft_target_probability_near_one(backend, reduction, block):
+    """p_y = 1 - O(1e-7): the DFT loss ≈ the NLL ≈ 6e-8, kept to relative precision, gradients too."""
+    N, H, V = 24, 16, 203
+    h = torch.randn(N, H)
+    h[:, 0] = 1.0
+    w = torch.randn(V, H) * 0.1
+    w[:, 0] = 0.0
+    y = torch.full((N,), 11)
+    w[11, 0] = 22.0
+    h.requires_grad_()
+    w.requires_grad_()
+    loss, _ = check(h, w, None, y, backend, reduction=reduction, token_scaling=True)
+    assert (loss > 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("how", ["ignore_index", "zero_class_weights"])
+def test_sft_family_everything_masked(backend, reduction, how):
+    """Every token masked, or every target class weighing 0: loss 0, gradients 0, no NaN."""
+    h, w, b, y = make(N=9, bias=True)
+    c = torch.rand(203) + 0.5
+    if how == "ignore_index":
+        y[:] = -100
+    else:
+        y[:] = 5
+        c[5] = 0.0
+    loss = fused_linear_cross_entropy(h, w, y, bias=b, reduction=reduction, backend=backend, token_scaling=True,
+                                      class_weights=c)
+    up = torch.randn_like(loss) if reduction == "none" else None
+    grads = torch.autograd.grad(loss, (h, w, b), up)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    for g in grads:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_sft_family_bad_input():
+    h, w, b, y = make(N=10)
+    with pytest.raises(ValueError, match=r"class_weights must be a float tensor \[V\] = \[203\]"):
+        fused_linear_cross_entropy(h, w, y, class_weights=torch.ones(202))
+    with pytest.raises(ValueError, match="class_weights with label_smoothing"):
+        fused_linear_cross_entropy(h, w, y, class_weights=torch.ones(203), label_smoothing=0.1)

@@ -54,6 +54,20 @@ def test_fused_linear_cross_entropy(reduction):
     _close(*_both(fn, [h, w]))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_sft_loss_family(reduction):
+    """DFT (token scaling) and class weights."""
+    h, w, y = _head()
+    c = torch.rand(w.shape[0]) + 0.2
+    fn = lambda h, w: fused_linear_cross_entropy(h, w, y, reduction=reduction, token_scaling=True,  # noqa: E731
+                                                 class_weights=c)
+    _close(*_both(fn, [h, w]))
+    logits = torch.randn(19, 41, requires_grad=True)
+    c41 = torch.rand(41) + 0.2
+    _close(*_both(lambda z: cross_entropy(z, y[:19], reduction=reduction, token_scaling=True, class_weights=c41),
+                  [logits]))
+
+
 def test_fused_linear_cross_entropy_inductor():
     h, w, y = _head()
     _close(*_both(lambda h, w: fused_linear_cross_entropy(h, w, y, label_smoothing=0.1), [h, w], "inductor"))
@@ -88,6 +102,18 @@ def test_dpo_loss():
     _close(*_both(lambda x: dpo_loss(x, w, labels, ref_logps=ref, beta=0.2)[0], [hidden]))
 
 
+@pytest.mark.parametrize("loss_type", ["orpo", "simpo", "cpo"])
+def test_preference_loss(loss_type):
+    from fasttune.kernels import preference_loss
+
+    B, T, H, V = 2, 9, 16, 31
+    hidden = torch.randn(2 * B, T, H, requires_grad=True)
+    w = torch.randn(V, H) / H**0.5
+    labels = torch.randint(0, V, (2 * B, T))
+    labels[:, :3] = -100
+    _close(*_both(lambda x: preference_loss(x, w, labels, loss_type=loss_type, beta=0.2)[0], [hidden]))
+
+
 @pytest.mark.parametrize("kw", [{}, {"loss_type": "cispo", "importance_sampling_level": "sequence", "epsilon_high": 5.0}],
                          ids=["token", "gspo-cispo-per-token-adv"])
 def test_grpo_loss(kw):
@@ -116,13 +142,18 @@ def test_opcheck():
     h, w, y = _head(N=6, V=11)
     weights = (y != -100).float()
     n = weights.sum()
-    args = (h, w, None, y, weights, weights, n, "mean", 0.0, 0.0, None, 1.0, False, "torch", 4, True, True, False)
+    args = (h, w, None, y, weights, weights, n, "mean", 0.0, 0.0, None, 1.0, False, False, "torch", 4, True, True, False)
     # linear_ce's AOT-dispatch check is left to the compile tests above: opcheck's harness also
     # differentiates the op's non-differentiable gradient outputs, which its partitioner rejects.
     torch.library.opcheck(torch.ops.fasttune.linear_ce.default, args, test_utils=("test_schema", "test_faketensor"))
     z = torch.randn(6, 11, requires_grad=True)
     torch.library.opcheck(torch.ops.fasttune.cross_entropy.default,
-                          (z, y, weights, n, "sum", 0.0, 0.0, None, "torch", 4))
+                          (z, y, weights, n, "sum", 0.0, 0.0, None, False, "torch", 4))
+    # the DFT variants (token scaling)
+    torch.library.opcheck(torch.ops.fasttune.linear_ce.default, args[:13] + (True,) + args[14:],
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fasttune.cross_entropy.default,
+                          (z, y, weights, n, "mean", 0.0, 0.0, None, True, "torch", 4))
     q = torch.randn(9, 2, 8, requires_grad=True)
     kv = torch.randn(9, 1, 8, requires_grad=True)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)

@@ -15,6 +15,7 @@ from .dpo import DPOStats, dpo_loss
 from .grpo import GRPOStats, grpo_loss
 from .kto import KTOStats, kto_loss
 from .logprobs import linear_logprobs
+from .preference import PreferenceStats, preference_loss
 
 
 def apply(model, **kwargs):
@@ -39,7 +40,7 @@ def applied(model, **kwargs):
 
 __all__ = [
     "apply", "applied", "revert",
-    "CEStats", "DPOStats", "GRPOStats", "KTOStats",
-    "cross_entropy", "dpo_loss", "fused_linear_cross_entropy", "grpo_loss", "kto_loss", "linear_logprobs",
+    "CEStats", "DPOStats", "GRPOStats", "KTOStats", "PreferenceStats",
+    "cross_entropy", "dpo_loss", "fused_linear_cross_entropy", "grpo_loss", "kto_loss", "linear_logprobs", "preference_loss",
     "varlen_attention",
 ]

@@ -14,6 +14,11 @@ loss_mask False, 1 or the float mask otherwise):
     loss   = w · [ (1-ε)(lse - z_y) + ε(lse - Σ_j z_j / V) + ζ·lse² ]     ε = label_smoothing, ζ = z_loss
     dL/dz_j = w · [ p_j (1 + 2ζ·lse) - ε/V - (1-ε)·[j = y] ]              p = softmax(z)
 
+Two options change w only. Class weights c [V] (torch's cross_entropy `weight`, Liger's `ce_weight`)
+make w = mask · c_y before the call, and the mean divides by Σ w. Token scaling (DFT, TRL's
+loss_type="dft", Liger's `use_token_scaling`) multiplies w by the target's probability p_y, held
+constant (detached): inside the row function, once p_y is known, for the loss and the gradient alike.
+
 1 - p_y is formed as Σ_{j≠y} p_j / Σ_j p_j, never as 1 - p_y, so the loss and the target's
 gradient keep their relative precision when the target's probability is close to 1.
 
@@ -56,6 +61,7 @@ class _Opts(NamedTuple):
     softcap: float | None = None
     inv_temp: float = 1.0
     entropy: bool = False  # also compute each token's entropy
+    token_scaling: bool = False  # DFT: scale each token's loss and gradient by its detached p_y
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,6 +100,7 @@ def _ce_rows_kernel(
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     COMPUTE_ENTROPY: tl.constexpr,
+    TOKEN_SCALING: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -141,6 +148,8 @@ def _ce_rows_kernel(
         # lse - z_y = log(1 + Σ_{j≠y} exp(z_j - z_y)); log1p keeps it exact when p_y ≈ 1.
         nll = tl.where(m - z_y < 1.0, _log1p(d_other * tl.exp(m - z_y)), lse - z_y)
         loss = (1.0 - label_smoothing) * nll + label_smoothing * (lse - z_sum / V) + z_loss * lse * lse
+        if TOKEN_SCALING:
+            w = w * (e_y / total)  # DFT: × p_y, a constant for the gradient
         tl.store(loss_ptr + row, w * loss)
         tl.store(lse_ptr + row, lse)
         tl.store(correct_ptr + row, (z_y >= m).to(tl.float32))
@@ -191,7 +200,7 @@ def _rows_triton(logits, grad, labels, weights, o: _Opts):
             loss, lse, correct, entropy if o.entropy else loss,
             V, o.eps, o.z_loss, float(o.softcap or 1.0), o.inv_temp,
             HAS_SOFTCAP=o.softcap is not None, COMPUTE_GRAD=grad is not None, COMPUTE_ENTROPY=o.entropy,
-            BLOCK_V=block, num_warps=warps,
+            TOKEN_SCALING=o.token_scaling, BLOCK_V=block, num_warps=warps,
         )
     return loss, lse, correct, entropy
 
@@ -202,13 +211,16 @@ def gpu_variants():
         sig = aot_signature(_ce_rows_kernel, ty, ("label_smoothing", "z_loss", "softcap", "inv_temp"),
                             fp32=("weights_ptr", "loss_ptr", "lse_ptr", "correct_ptr", "entropy_ptr"), scalars=("V",))
         sig["labels_ptr"] = "*i64"
+        # the entropy is for linear_logprobs and token scaling for the SFT loss: never both
         for softcap in (False, True):
             for grad in (False, True):
-                for entropy in (False, True):
+                for entropy, scaling in ((False, False), (True, False), (False, True)):
                     for i, (block, warps) in enumerate(ROW_TILES):
-                        flags = dict(HAS_SOFTCAP=softcap, COMPUTE_GRAD=grad, COMPUTE_ENTROPY=entropy, BLOCK_V=block)
-                        yield (f"ce_rows {ty} V-tile={block} w{warps} softcap={int(softcap)} grad={int(grad)} "
-                               f"entropy={int(entropy)}", _ce_rows_kernel, sig, flags, warps, 3, True)
+                        flags = dict(HAS_SOFTCAP=softcap, COMPUTE_GRAD=grad, COMPUTE_ENTROPY=entropy,
+                                     TOKEN_SCALING=scaling, BLOCK_V=block)
+                        name = (f"ce_rows {ty} V-tile={block} w{warps} softcap={int(softcap)} grad={int(grad)} "
+                                f"entropy={int(entropy)}" + (" dft=1" if scaling else ""))
+                        yield name, _ce_rows_kernel, sig, flags, warps, 3, True
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,6 +260,8 @@ def _rows_torch(logits, grad, labels, weights, o: _Opts):
     nll = torch.where(m - z_y < 1.0, torch.log1p(d_other * (m - z_y).exp()), lse - z_y)
     loss = (1 - eps) * nll + (eps * (lse - z_sum / V) if eps else 0) + z_loss * lse * lse
     zero = torch.zeros((), device=z.device)
+    if o.token_scaling:  # DFT: × p_y, a constant for the gradient
+        weights = weights * (e_y / total)
     loss = torch.where(trained, weights * loss, zero)
     correct = (trained & (z_y >= m)).float()
     entropy = None
@@ -381,12 +395,12 @@ def _formed_now(reduction, need_gh, need_gw, need_gb):
 def _linear_ce_impl(
     h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, labels: torch.Tensor, weights: torch.Tensor,
     select: torch.Tensor | None, n: torch.Tensor, reduction: str, eps: float, z_loss: float,
-    softcap: float | None, inv_temp: float, entropy: bool, backend: str, chunk: int,
+    softcap: float | None, inv_temp: float, entropy: bool, token_scaling: bool, backend: str, chunk: int,
     need_gh: bool, need_gw: bool, need_gb: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with torch.autocast(h.device.type, enabled=False):  # keep the dtypes we were given
         rows = _trained_rows(select, h.shape[0], h.device)
-        o = _Opts(backend, chunk, eps, z_loss, softcap, inv_temp, entropy)
+        o = _Opts(backend, chunk, eps, z_loss, softcap, inv_temp, entropy, token_scaling)
         labels, weights = labels.to(h.device, non_blocking=True), weights.to(h.device, non_blocking=True)
         loss, lse, correct, ent, gh, gw, gb = _linear_ce_chunks(h, w, b, labels, weights, rows, o,
                                                                 *_formed_now(reduction, need_gh, need_gw, need_gb))
@@ -395,8 +409,8 @@ def _linear_ce_impl(
                 *(h.new_empty(0) if x is None else x for x in outs))  # distinct empties: outputs may not alias
 
 
-def _linear_ce_fake(h, w, b, labels, weights, select, n, reduction, eps, z_loss, softcap, inv_temp, entropy, backend, chunk,
-      need_gh, need_gw, need_gb):
+def _linear_ce_fake(h, w, b, labels, weights, select, n, reduction, eps, z_loss, softcap, inv_temp, entropy,
+                    token_scaling, backend, chunk, need_gh, need_gw, need_gb):
     N, V = h.shape[0], w.shape[0]
     need_gh, need_gw, need_gb = _formed_now(reduction, need_gh, need_gw, need_gb)
     f32 = lambda *shape: h.new_empty(shape, dtype=torch.float32)  # noqa: E731
@@ -419,13 +433,14 @@ def _linear_ce_setup(ctx, inputs, output):
 
 
 def _linear_ce_backward(ctx, grad_loss, *_):
-    reduction, eps, z_loss, softcap, inv_temp, entropy, backend, chunk, need_gh, need_gw, need_gb = ctx.inputs
+    reduction, eps, z_loss, softcap, inv_temp, entropy, scaling, backend, chunk, need_gh, need_gw, need_gb = ctx.inputs
     h_dtype, w_dtype, b_dtype = ctx.dtypes
     if ctx.recompute:
         h, w, b, labels, weights, select, n = ctx.saved_tensors
         up = weights.to(h.device) * grad_loss.float()  # the upstream folded into the weights: then Σ up·loss
         _, _, _, _, gh, gw, gb = _linear_ce.no_autograd(h, w, b, labels, up, select, n, "sum", eps, z_loss, softcap,
-                                                        inv_temp, False, backend, chunk, need_gh, need_gw, need_gb)
+                                                        inv_temp, False, scaling, backend, chunk,
+                                                        need_gh, need_gw, need_gb)
     elif reduction == "none":  # frozen head: dh per token was formed in the forward
         gh, gw, gb, n = ctx.saved_tensors
         gh, gw, gb = _mul(gh, grad_loss.to(gh.dtype).unsqueeze(1)) if need_gh else None, None, None
@@ -437,7 +452,7 @@ def _linear_ce_backward(ctx, grad_loss, *_):
         gb = _mul(gb, s) if need_gb else None
     grads = (gh.to(h_dtype) if need_gh else None, gw.to(w_dtype) if need_gw else None,
              gb.to(b_dtype) if need_gb else None)
-    return (*grads, *(None,) * 15)
+    return (*grads, *(None,) * 16)
 
 
 def _mul(buffer, factor):
@@ -456,16 +471,16 @@ def _head(h, w, b, labels, weights, select, n, reduction, o: _Opts):
     """Call the head op, asking for the gradients autograd will want."""
     grad = torch.is_grad_enabled()
     return _linear_ce(h, w, b, labels, weights, select, n, reduction, o.eps, o.z_loss, o.softcap, o.inv_temp,
-                      o.entropy, o.backend, o.chunk, grad and h.requires_grad, grad and w.requires_grad,
+                      o.entropy, o.token_scaling, o.backend, o.chunk, grad and h.requires_grad, grad and w.requires_grad,
                       grad and b is not None and b.requires_grad)
 
 
 def _ce_impl(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, n: torch.Tensor, reduction: str,
-        eps: float, z_loss: float, softcap: float | None, backend: str, chunk: int,
+        eps: float, z_loss: float, softcap: float | None, token_scaling: bool, backend: str, chunk: int,
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-entropy on given logits: loss, lse, correct."""
     labels, weights = labels.to(logits.device, non_blocking=True), weights.to(logits.device, non_blocking=True)
-    o = _Opts(backend, chunk, eps, z_loss, softcap)
+    o = _Opts(backend, chunk, eps, z_loss, softcap, token_scaling=token_scaling)
     N = logits.shape[0]
     loss, lse, correct = (empty(N, dtype=torch.float32, device=logits.device) for _ in range(3))
     for s in range(0, N, o.chunk):
@@ -474,17 +489,17 @@ def _ce_impl(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, 
     return _reduce(loss, n.to(logits.device), reduction), lse, correct
 
 
-def _ce_fake(logits, labels, weights, n, reduction, eps, z_loss, softcap, backend, chunk):
+def _ce_fake(logits, labels, weights, n, reduction, eps, z_loss, softcap, token_scaling, backend, chunk):
     N = logits.shape[0]
     f32 = lambda *shape: logits.new_empty(shape, dtype=torch.float32)  # noqa: E731
     return f32(N) if reduction == "none" else f32(), f32(N), f32(N)
 
 
 def _ce_backward_impl(logits: torch.Tensor, labels: torch.Tensor, up: torch.Tensor, eps: float, z_loss: float,
-                 softcap: float | None, backend: str, chunk: int) -> torch.Tensor:
+                 softcap: float | None, token_scaling: bool, backend: str, chunk: int) -> torch.Tensor:
     """dL/dlogits for per-token upstream factors `up` (weight × upstream gradient)."""
     labels = labels.to(logits.device, non_blocking=True)
-    o = _Opts(backend, chunk, eps, z_loss, softcap)
+    o = _Opts(backend, chunk, eps, z_loss, softcap, token_scaling=token_scaling)
     grad = empty(*logits.shape, dtype=logits.dtype, device=logits.device)
     for s in range(0, logits.shape[0], o.chunk):
         e = min(s + o.chunk, logits.shape[0])
@@ -493,7 +508,7 @@ def _ce_backward_impl(logits: torch.Tensor, labels: torch.Tensor, up: torch.Tens
 
 
 _ce_backward = Op("cross_entropy_backward", _ce_backward_impl,
-                  lambda logits, labels, up, eps, z_loss, softcap, backend, chunk: torch.empty_like(logits))
+                  lambda logits, labels, up, eps, z_loss, softcap, token_scaling, backend, chunk: torch.empty_like(logits))
 
 
 def _ce_setup(ctx, inputs, output):
@@ -508,7 +523,7 @@ def _ce_grad(ctx, grad_loss, *_):
     logits, labels, weights, n = ctx.saved_tensors
     g = grad_loss.float()
     up = weights.to(logits.device) * (g if ctx.reduction == "none" else _scale(g, n.to(g.device)))
-    return (_ce_backward(logits, labels, up, *ctx.opts),) + (None,) * 9
+    return (_ce_backward(logits, labels, up, *ctx.opts),) + (None,) * 10
 
 
 _ce = Op("cross_entropy", _ce_impl, _ce_fake, _ce_setup, _ce_grad)
@@ -519,10 +534,13 @@ _ce = Op("cross_entropy", _ce_impl, _ce_fake, _ce_setup, _ce_grad)
 # --------------------------------------------------------------------------------------------
 
 
-def _token_weights(labels, loss_mask, ignore_index):
+def _token_weights(labels, loss_mask, ignore_index, class_weights=None):
     w = (labels != ignore_index).float()
     if loss_mask is not None:
         w = w * loss_mask.to(device=w.device, dtype=torch.float32).reshape(-1)
+    if class_weights is not None:  # w_t × c[y_t], as torch's cross_entropy(weight=c)
+        c = class_weights.to(device=w.device, dtype=torch.float32)
+        w = w * c[torch.where(w != 0, labels, 0).clamp(0, c.shape[0] - 1)]
     return w
 
 
@@ -563,6 +581,16 @@ def _check_head(hidden, weight, bias):
         raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
 
 
+def _check_sft_options(class_weights, V, label_smoothing):
+    if class_weights is None:
+        return
+    if class_weights.shape != (V,) or not class_weights.is_floating_point():
+        raise ValueError(f"class_weights must be a float tensor [V] = [{V}], got {class_weights.dtype} "
+                         f"{tuple(class_weights.shape)}")
+    if label_smoothing:
+        raise ValueError("class_weights with label_smoothing is not supported; use one or the other")
+
+
 def _check(labels, n_rows, loss_mask, reduction, label_smoothing, z_loss, softcap, what):
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
@@ -592,12 +620,12 @@ def _check_label_range(labels, weights, V):
                              "mask it with ignore_index or loss_mask")
 
 
-def prepare_head(hidden, weight, labels, *, ignore_index, loss_mask):
+def prepare_head(hidden, weight, labels, *, ignore_index, loss_mask, class_weights=None):
     """Flatten a head call: h [N, H], labels [N] int64 and token weights where the caller made the
     labels, and `select`, the weights again if they are on the host (for skipping masked rows)."""
     h = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).to(torch.int64)
-    weights = _token_weights(labels, loss_mask, ignore_index)
+    weights = _token_weights(labels, loss_mask, ignore_index, class_weights)
     _check_label_range(labels, weights, weight.shape[0])
     return h, labels, weights, weights if weights.device.type == "cpu" else None
 
@@ -638,6 +666,8 @@ def fused_linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    token_scaling: bool = False,
+    class_weights: torch.Tensor | None = None,
     return_stats: bool = False,
     chunk_size: int | None = None,
     backend: str | None = None,
@@ -654,16 +684,23 @@ def fused_linear_cross_entropy(
     label_smoothing as in F.cross_entropy; z_loss adds z_loss·lse² per token; softcap applies
     softcap·tanh(logits/softcap) first. The loss is fp32. With return_stats, returns
     (loss, CEStats(lse, correct, accuracy)).
+    token_scaling: DFT (TRL's loss_type="dft", Liger's use_token_scaling): each token's loss is
+    multiplied by its target probability p_y, detached; the mean still divides by the token count.
+    class_weights [V]: a weight per target class, as F.cross_entropy's `weight` (and Liger's
+    ce_weight): token t weighs class_weights[labels_t], and the mean divides by the summed weights
+    of the trained tokens. Keep it on the labels' device (a CUDA copy with host labels syncs).
     chunk_size: rows per chunk (default: FASTTUNE_CHUNK_BYTES of logits). backend: "auto",
     "triton" or "torch" (default FASTTUNE_BACKEND, else by device).
     """
     _check_head(hidden, weight, bias)
     N = hidden.numel() // hidden.shape[-1]
     _check(labels, N, loss_mask, reduction, label_smoothing, z_loss, softcap, "hidden")
-    h, labels, weights, select = prepare_head(hidden, weight, labels, ignore_index=ignore_index, loss_mask=loss_mask)
+    _check_sft_options(class_weights, weight.shape[0], label_smoothing)
+    h, labels, weights, select = prepare_head(hidden, weight, labels, ignore_index=ignore_index, loss_mask=loss_mask,
+                                              class_weights=class_weights)
     n = _normalizer(weights, num_items, reduction, h.device)
     o = _Opts(pick_backend(backend, h.device), chunk_rows(weight.shape[0], h.device, h.dtype, chunk_size),
-              float(label_smoothing), float(z_loss), softcap)
+              float(label_smoothing), float(z_loss), softcap, token_scaling=bool(token_scaling))
     b = None if bias is None else bias.to(h.dtype)
     loss, lse, correct = _head(h, weight, b, labels, weights, select, n, reduction, o)[:3]
     return _finish(loss, lse, correct, weights.to(h.device, non_blocking=True), return_stats)
@@ -680,6 +717,8 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    token_scaling: bool = False,
+    class_weights: torch.Tensor | None = None,
     return_stats: bool = False,
     backend: str | None = None,
 ):
@@ -692,12 +731,14 @@ def cross_entropy(
     _check(labels, z.shape[0], loss_mask, reduction, label_smoothing, z_loss, softcap, "logits")
     if z.stride(-1) != 1:
         z = z.contiguous()
+    _check_sft_options(class_weights, z.shape[1], label_smoothing)
     labels = labels.reshape(-1).to(torch.int64)
-    weights = _token_weights(labels, loss_mask, ignore_index)
+    weights = _token_weights(labels, loss_mask, ignore_index, class_weights)
     _check_label_range(labels, weights, z.shape[1])
     n = _normalizer(weights, num_items, reduction, z.device)
     be = pick_backend(backend, z.device)
     chunk = z.shape[0] if be == "triton" else chunk_rows(z.shape[1], z.device, z.dtype, None)
-    loss, lse, correct = _ce(z, labels, weights, n, reduction, float(label_smoothing), float(z_loss), softcap, be,
+    loss, lse, correct = _ce(z, labels, weights, n, reduction, float(label_smoothing), float(z_loss), softcap,
+                             bool(token_scaling), be,
                              max(1, chunk))
     return _finish(loss, lse, correct, weights.to(z.device, non_blocking=True), return_stats)

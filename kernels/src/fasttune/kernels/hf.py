@@ -10,7 +10,8 @@
 - Loss: when `labels` (or `shift_labels`) are passed, the CausalLM's forward computes the loss with
   `fused_linear_cross_entropy` from the last hidden states and returns `logits=None`, as
   Liger-Kernel does. `num_items_in_batch` (from the HF Trainer) is honoured, and so is Gemma 2's
-  final logit softcap.
+  final logit softcap. `token_scaling` and `class_weights` passed to the forward go to the loss (the
+  SFT loss family: DFT and class weights).
 Works on PEFT models (the LoRA-wrapped base model is patched) and on bitsandbytes 4-bit models.
 transformers is imported only when these functions are called.
 """
@@ -153,6 +154,7 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     num_items = kwargs.pop("num_items_in_batch", None)
+    options = {k: kwargs.pop(k) for k in ("token_scaling", "class_weights") if k in kwargs}  # the SFT loss family
     cfg = self.config
     router = kwargs.pop("output_router_logits", getattr(cfg, "output_router_logits", False))
     if router:
@@ -166,7 +168,7 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
         shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
     loss = fused_linear_cross_entropy(
         hidden, lm.weight, shift_labels, bias=lm.bias,  # host labels: no sync
-        num_items=num_items, softcap=lm.softcap,
+        num_items=num_items, softcap=lm.softcap, **options,
     )
     aux = None
     if router and getattr(out, "router_logits", None) is not None:  # MoE load balancing, as the model adds it
@@ -286,6 +288,12 @@ def apply(model, *, attention: bool = True, loss: bool = True):
                           "adapted by LoRA or quantized?); the loss is left to the model", stacklevel=2)
     lm._fasttune_state = state
     return model
+
+
+def fused_loss(model) -> bool:
+    """Does `model` compute its loss with fasttune's fused head (after `apply`)?"""
+    state = getattr(_causal_lm(model), "_fasttune_state", None)
+    return bool(state and state["loss"])
 
 
 def revert(model):

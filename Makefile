@@ -4,10 +4,6 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fasttune-installed
 TORCH  ?= torch==2.13.0
 
-# Keep the working directory off sys.path: our top-level kernels/ folder must not shadow
-# Hugging Face's `kernels` package, which bitsandbytes and transformers import by that name.
-export PYTHONSAFEPATH := 1
-
 .PHONY: setup demo test bench gpu-wheels clean
 
 setup: $(STAMP)
@@ -17,10 +13,11 @@ $(PY):
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 
 # torch first, pinned to the local CPU build, only when the venv has no torch: afterwards
-# the "torch>=..." requirement is met and pip fetches nothing else.
-$(STAMP): pyproject.toml | $(PY)
+# the "torch>=..." requirement is met and pip fetches nothing else. The kernels (kernels/, their
+# own distribution) and the trainer that depends on them, both editable.
+$(STAMP): pyproject.toml kernels/pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ./kernels -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

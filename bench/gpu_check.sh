@@ -18,7 +18,7 @@ set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 BENCH_SAVE=1
+export PYTHONUNBUFFERED=1 BENCH_SAVE=1
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-530}
 START=$SECONDS
@@ -61,8 +61,8 @@ else
     echo "no wheels in .whl/ (make gpu-wheels); liger-kernel, cut-cross-entropy and bitsandbytes only if installed" \
         | tee -a "$OUT/summary.txt"
 fi
-timeout 90 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 \
-    || { echo "pip install -e . failed (install.log)" | tee -a "$OUT/summary.txt"; status=1; }
+timeout 90 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e ./kernels -e . >"$OUT/install.log" 2>&1 \
+    || { echo "pip install -e ./kernels -e . failed (install.log)" | tee -a "$OUT/summary.txt"; status=1; }
 { timeout 20 nvidia-smi -L; timeout 60 $PY -m fasttune.cli env
   timeout 30 $PY -m pip list 2>/dev/null | grep -iE "torch|triton|transformers|peft|bitsandbytes|liger|cut.cross|flash|pytest"
 } >>"$OUT/env.txt" 2>&1

@@ -122,7 +122,7 @@ def peak_memory(kernel: str, provider: str, shape: dict, dtype: str, run=None) -
             run()  # warm-up
         _memory_cache[key] = cuda_peak(run)
     if key not in _memory_cache:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", PYTHONSAFEPATH="1")
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
         out = subprocess.run(
             [sys.executable, str(BENCH / "probe.py"), kernel, provider, json.dumps(shape), dtype],
             capture_output=True, text=True, env=env, cwd=BENCH,

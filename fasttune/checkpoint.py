@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .tasks import for_config
+
 STATE = "trainer_state.pt"
 
 
@@ -52,9 +54,9 @@ def fingerprint(cfg, world: int = 1) -> dict:
         "batching": {"micro_batch_size": cfg.train.micro_batch_size, "seed": cfg.train.seed,
                      "micro-batches per step (train.grad_accum × processes)": cfg.train.grad_accum * world},
     }
-    for extra in ("dpo", "grpo"):
-        if extra in d:
-            fp[extra] = d[extra]
+    section = for_config(cfg).section  # the command's own section ([dpo], [grpo])
+    if section:
+        fp[section] = d[section]
     return json.loads(json.dumps(fp, default=str))
 
 

@@ -20,9 +20,10 @@ import os
 import platform
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
-from fasttune import __version__
+__version__ = version("fasttune")  # `fasttune` is a namespace package (no __init__.py): see kernels/README.md
 
 
 def _env(args) -> int:
@@ -54,101 +55,28 @@ def _launch(args) -> int:
     mode_for(load_config(args.config, args.set), launched=True)  # a parallel mode it refuses: one line, here
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
             "-m", "fasttune", args.command, args.config, *[x for s in args.set for x in ("--set", s)]]
-    # PYTHONSAFEPATH: a `kernels` folder in the working directory must not shadow Hugging Face's package
-    return subprocess.call(argv, env={**os.environ, "PYTHONSAFEPATH": "1"})
+    return subprocess.call(argv)
 
 
-def _sft(args) -> int:
-    from fasttune.config import SFTConfig, load_config
-    from fasttune.train import train_sft
+def _train(args) -> int:
+    """`fasttune sft|dpo|grpo|...`: the command's task (fasttune/tasks.py) on the shared loop."""
+    from fasttune.config import load_config
+    from fasttune.tasks import TASKS
+    from fasttune.train import train
 
-    train_sft(load_config(args.config, args.set, schema=SFTConfig))
+    spec = TASKS[args.command]
+    train(load_config(args.config, args.set, schema=spec.load("schema")), spec.load("task"))
     return 0
-
-
-def _grpo(args) -> int:
-    from fasttune.config import GRPOConfig, load_config
-    from fasttune.grpo import train_grpo
-
-    train_grpo(load_config(args.config, args.set, schema=GRPOConfig))
-    return 0
-
-
-def _dpo(args) -> int:
-    from fasttune.config import DPOConfig, load_config
-    from fasttune.dpo import train_dpo
-
-    train_dpo(load_config(args.config, args.set, schema=DPOConfig))
-    return 0
-
-
-def _marked(tok, ids, labels) -> str:
-    """The example's text with the trained spans between « and »."""
-    from fasttune.data import IGNORE
-
-    out, run, trained = [], [], None
-    for i, lab in zip(ids, labels):
-        t = lab != IGNORE
-        if trained is not None and t != trained:
-            text = tok.decode(run)
-            out.append(f"«{text}»" if trained else text)
-            run = []
-        run.append(i)
-        trained = t
-    if run:
-        text = tok.decode(run)
-        out.append(f"«{text}»" if trained else text)
-    return "".join(out)
 
 
 def _check(args) -> int:
     from fasttune.config import load_config, resolved_toml
-    from fasttune.data import load_sft, packing_efficiency, packing_rows
     from fasttune.models import load_tokenizer
+    from fasttune.tasks import for_config
 
     cfg = load_config(args.config, args.set)
     print(f"# {args.config}, resolved\n{resolved_toml(cfg)}")
-    tok = load_tokenizer(cfg.model)
-    if hasattr(cfg, "grpo"):
-        from fasttune.grpo import GRPOTask
-
-        task = GRPOTask(cfg, tok, print)  # reads the prompts and tries every reward function
-        p = task.prompts[0]
-        print(f"  first prompt ({p['where']}), as the model sees it:\n    " + p["text"].replace("\n", "\n    "))
-        print("ok: the config, the prompts and the reward functions are valid")
-        return 0
-    if hasattr(cfg, "dpo"):
-        from fasttune.preference import load_pairs
-
-        for name in ("train", "eval"):
-            if getattr(cfg.data, name):
-                pairs, report = load_pairs(getattr(cfg.data, name), tok, cfg.data, cfg.dpo)
-                print(f"[{name}] " + report.summary())
-                if name == "train":
-                    p = pairs[0]
-                    print(f"  first pair ({p.where}), trained tokens between « and »:\n    chosen:   "
-                          + _marked(tok, p.chosen.input_ids, p.chosen.labels).replace("\n", "\n              ")
-                          + "\n    rejected: " + _marked(tok, p.rejected.input_ids, p.rejected.labels).replace("\n", "\n              "))
-        print("ok: the config and the data are valid")
-        return 0
-    for name in ("train", "eval"):
-        path = getattr(cfg.data, name)
-        if not path:
-            continue
-        examples, report = load_sft(path, tok, cfg.data)
-        print(f"[{name}] " + report.summary())
-        lengths = [len(e.input_ids) for e in examples]
-        if cfg.data.packing:
-            rows = packing_rows(lengths, cfg.train.micro_batch_size)
-            print(f"  packing: {len(rows)} rows of {cfg.train.micro_batch_size} tokens, "
-                  f"{100 * packing_efficiency(lengths, rows, cfg.train.micro_batch_size):.1f}% filled")
-        else:
-            print(f"  no packing: micro-batches of {cfg.train.micro_batch_size} sequences, padded to the longest")
-        if name == "train":
-            ex = examples[0]
-            print(f"  first example ({ex.where}), trained tokens between « and »:\n"
-                  + "\n".join("    " + line for line in _marked(tok, ex.input_ids, ex.labels).splitlines()))
-    print("ok: the config and the data are valid")
+    for_config(cfg).load("check")(cfg, load_tokenizer(cfg.model))
     return 0
 
 
@@ -249,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fasttune", description="Kernel-accelerated post-training for LLMs.")
     parser.add_argument("--version", action="version", version=f"fasttune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, fn, text in (("sft", _sft, "supervised fine-tuning from a TOML config"),
-                           ("dpo", _dpo, "preference training (DPO) from a TOML config with a [dpo] section"),
-                           ("grpo", _grpo, "online RL (GRPO) with reward functions, from a config with a [grpo] section"),
-                           ("check", _check, "validate a config and its data without training")):
+    from fasttune.tasks import TASKS
+
+    for name, fn, text in [*((name, _train, spec.help) for name, spec in TASKS.items()),
+                           ("check", _check, "validate a config and its data without training")]:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("config", help="the run's TOML config")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

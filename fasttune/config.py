@@ -310,7 +310,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def load_config(path, overrides=None, schema=None):
-    """Read a config; without `schema`, a [dpo] section picks DPOConfig, else SFTConfig."""
+    """Read a config; without `schema`, the command whose own section it has (fasttune/tasks.py) picks it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -321,7 +321,9 @@ def load_config(path, overrides=None, schema=None):
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     data = apply_overrides(data, overrides)
     if schema is None:
-        schema = DPOConfig if "dpo" in data else GRPOConfig if "grpo" in data else SFTConfig
+        from .tasks import for_sections
+
+        schema = for_sections(data).load("schema")
     return parse_config(data, schema, text, str(path))
 
 

@@ -30,6 +30,9 @@ from .preference import load_pairs
 
 class DPOTask:
     name = "dpo"
+    panels = (("DPO reward accuracy", ["reward_accuracy"]), ("DPO reward margin", ["reward_margin"]))
+    timings = ()
+    run = None  # set by the loop; unused
 
     def __init__(self, cfg, tok, log, dist=None):
         self.cfg, self.tok, self.d = cfg, tok, cfg.dpo

@@ -19,6 +19,7 @@ import torch
 from . import checkpoint
 from .config import ConfigError
 from .models import device, load_tokenizer
+from .tasks import for_config
 
 
 def _target(cfg, adapter):
@@ -59,16 +60,11 @@ def evaluate(cfg, adapter=None, log=print) -> dict:
     model = model_for(cfg, ck, dev, base=ck is None)
     log(f"evaluating {what} on {getattr(cfg.data, split)}")
     with torch.no_grad():
-        if hasattr(cfg, "grpo"):
-            out = _grpo(cfg, tok, model, dev, log)
-        elif hasattr(cfg, "dpo"):
-            out = _dpo(cfg, tok, model, dev, split, log)
-        else:
-            out = _sft(cfg, tok, model, dev, split, log)
+        out = for_config(cfg).load("metrics")(cfg, tok, model, dev, split, log)
     return {"split": split, "model": what, **out}
 
 
-def _sft(cfg, tok, model, dev, split, log):
+def sft_metrics(cfg, tok, model, dev, split, log):
     from .batches import epoch_plan, make_batch
     from .data import IGNORE, load_sft
     from .models import final_hidden
@@ -98,7 +94,7 @@ def _sft(cfg, tok, model, dev, split, log):
             "eval_trained_tokens": n, "eval_examples": len(examples)}
 
 
-def _dpo(cfg, tok, model, dev, split, log):
+def dpo_metrics(cfg, tok, model, dev, split, log):
     from .dpo import DPOTask
 
     cfg = replace(cfg, dpo=replace(cfg.dpo, reference="live"))
@@ -117,7 +113,7 @@ def _dpo(cfg, tok, model, dev, split, log):
     return {"eval_loss": sums.pop("loss"), **{f"eval_{k}": v for k, v in sums.items()}, "eval_pairs": n}
 
 
-def _grpo(cfg, tok, model, dev, log):
+def grpo_metrics(cfg, tok, model, dev, split, log):
     from .grpo import GRPOTask, score
 
     task = GRPOTask(cfg, tok, log)

@@ -42,6 +42,9 @@ class Rollout:
 
 class GRPOTask:
     name = "grpo"
+    panels = (("GRPO mean reward", None), ("completion length", ["completion_len"]))
+    timings = ("generation_s", "reference_s")  # sampling and reference log-probs, inside each step
+    run = None  # set by the loop: sampling goes through the wrapped (DDP, FSDP2) model
 
     def __init__(self, cfg, tok, log, dist=None):
         self.cfg, self.tok, self.g, self.log = cfg, tok, cfg.grpo, log

@@ -61,6 +61,7 @@ def final_hidden(model, **inputs):
     from fasttune.kernels.hf import head_of
 
     head = head_of(model)
+    inputs = {"use_cache": False, **inputs}  # hidden states only: no KV cache (it warns under gradient checkpointing)
     takes = inspect.signature(head.base.forward).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in takes.values()):
         inputs = {k: v for k, v in inputs.items() if k in takes}

@@ -126,21 +126,15 @@ def evaluate(model, examples, cfg, pad_id, dev, autocast) -> float:
     return total
 
 
-# each task's own curves in loss.png, beside the loss: (title, metrics)
-TASK_PANELS = {"reward_accuracy": [("DPO reward accuracy", ["reward_accuracy"]), ("DPO reward margin", ["reward_margin"])],
-               "completion_len": [("GRPO mean reward", None), ("completion length", ["completion_len"])]}
-
-
-def plot_losses(metrics_path, png_path):
-    """loss.png: train and eval loss, then the task's own curves (DPO: reward accuracy and margin;
-    GRPO: the mean reward of each reward function, completion length)."""
+def plot_losses(metrics_path, png_path, panels=()):
+    """loss.png: train and eval loss, then the task's own curves, `Task.panels` (DPO: reward accuracy
+    and margin; GRPO: the mean reward of each reward function, completion length)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in open(metrics_path)]
-    panels = [p for key, ps in TASK_PANELS.items() if key in rows[0] for p in ps]
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(6 + 4.5 * len(panels), 3.5), dpi=100, squeeze=False)
     ax = axes[0][0]
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
@@ -172,6 +166,8 @@ class SFTTask:
     """SFT on the shared loop: packed (or padded) rows, loss normalized by trained tokens."""
 
     name = "sft"
+    panels, timings = (), ()
+    run = None  # set by the loop; unused
 
     def __init__(self, cfg, tok, log, dist=None):
         self.cfg, self.tok = cfg, tok
@@ -195,6 +191,9 @@ class SFTTask:
             log(f"packing: {len(rows)} rows of {t.micro_batch_size} tokens per epoch, "
                 f"{100 * packing_efficiency(lengths, rows, t.micro_batch_size):.1f}% filled")
 
+    def setup(self, model, dev, run_dir, dist=None):
+        pass  # nothing to prepare
+
     def count(self, batch):
         return batch.trained
 
@@ -211,8 +210,8 @@ def train_sft(cfg, log=print) -> dict:
 
 
 def train(cfg, task_cls, log=print) -> dict:
-    """The shared loop: `task_cls(cfg, tokenizer, log, dist)` supplies the batches, their count and
-    the loss. Under torchrun each process runs this, its share of every step (fasttune/distributed.py)."""
+    """The shared loop: `task_cls(cfg, tokenizer, log, dist)`, a `fasttune.tasks.Task`, supplies the
+    batches, their count and the loss. Under torchrun each process runs this, its share of every step (fasttune/distributed.py)."""
     dist = distributed.start()
     try:
         return _train(cfg, task_cls, log if dist.main else (lambda *a, **k: None), dist)
@@ -223,8 +222,8 @@ def train(cfg, task_cls, log=print) -> dict:
 class RunLog:
     """metrics.jsonl, the progress bar and loss.png: rank 0 writes them, the other ranks nothing."""
 
-    def __init__(self, run_dir, cfg, step, total, name, resumed, enabled):
-        self.path, self.enabled = run_dir / "metrics.jsonl", enabled
+    def __init__(self, run_dir, cfg, step, total, name, resumed, enabled, panels=()):
+        self.path, self.enabled, self.panels = run_dir / "metrics.jsonl", enabled, panels
         if not enabled:
             return
         from .reporting import Reporters
@@ -255,7 +254,7 @@ class RunLog:
         self.reporters.close()
         if not self.path.stat().st_size:
             return None
-        plot_losses(self.path, self.path.parent / "loss.png")
+        plot_losses(self.path, self.path.parent / "loss.png", self.panels)
         return json.loads(open(self.path).readline())
 
 
@@ -271,8 +270,7 @@ def _train(cfg, task_cls, log, dist) -> dict:
     tok = load_tokenizer(cfg.model)
     task = task_cls(cfg, tok, log, dist)  # every rank reads and plans the same data
     model = load_model(cfg, dev)
-    if hasattr(task, "setup"):
-        task.setup(model, dev, run_dir, dist)
+    task.setup(model, dev, run_dir, dist)
     params = [p for p in model.parameters() if p.requires_grad]
     log(f"model {cfg.model.path}: {sum(p.numel() for p in params):,} trainable parameters "
         f"({cfg.model.finetune}{', 4-bit base' if cfg.model.finetune == 'lora' and cfg.model.load_in_4bit else ''}), "
@@ -294,7 +292,7 @@ def _train(cfg, task_cls, log, dist) -> dict:
         state = checkpoint.load(ck, model, opt, sched, fp, dist)
         step, stream.position = state["step"], dict(state["position"])
         log(f"resuming from {ck} at step {step}")
-    out = RunLog(run_dir, cfg, step, total, task.name, ck is not None, dist.main)
+    out = RunLog(run_dir, cfg, step, total, task.name, ck is not None, dist.main, task.panels)
 
     dtype = compute_dtype(cfg.model.compute_dtype, dev)
     use_autocast = dev.type == "cuda" and dtype != torch.float32
@@ -348,11 +346,11 @@ def _train(cfg, task_cls, log, dist) -> dict:
                "peak_memory_mb": round(dist.max(peak_memory_mb(dev)), 1),
                "elapsed_s": round(time.perf_counter() - start, 2),
                "epoch": stream.position["epoch"], **{k: round(v, 6) for k, v in extra.items()}}
-        if "generation_s" in extra:  # sampling happens inside the step: report training time apart
-            # extra holds the mean per micro-batch over all ranks; a rank samples grad_accum of them
-            row["generation_s"] = round(extra["generation_s"] * t.grad_accum, 4)
-            row["reference_s"] = round(extra.get("reference_s", 0.0) * t.grad_accum, 4)
-            row["training_s"] = round(elapsed - row["generation_s"] - row["reference_s"], 4)
+        if task.timings:  # time spent inside the step but not training (GRPO's sampling): report it apart
+            # extra holds the mean per micro-batch over all ranks; a rank runs grad_accum of them
+            for k in task.timings:
+                row[k] = round(extra.get(k, 0.0) * t.grad_accum, 4)
+            row["training_s"] = round(elapsed - sum(row[k] for k in task.timings), 4)
         if (cfg.run.eval_every and step % cfg.run.eval_every == 0) or step == total:
             ev = runner(task.evaluate, dev, autocast)  # eval loss, or (GRPO) a dict of eval_* metrics
             if ev is not None:

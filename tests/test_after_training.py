@@ -17,7 +17,6 @@ from fasttune.train import train_sft
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 DATA = EXAMPLES / "data"
-ENV = {**os.environ, "PYTHONSAFEPATH": "1"}
 
 
 def quiet(*_):
@@ -108,7 +107,7 @@ def test_chat_answers_piped_input(sft_run, tmp_path):
     question = "Write the phrase in capital letters. tiger lemon"
     p = subprocess.run([sys.executable, "-m", "fasttune", "chat", str(run), "--temperature", "0", "--max-new-tokens", "16"],
                        input=f"{question}\n/reset\n/system Answer with the result only.\n{question}\n/exit\nnever read\n",
-                       capture_output=True, text=True, env=ENV, timeout=300)
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     replies = p.stdout.strip().split("\n")
     prompts = tmp_path / "q.jsonl"

@@ -25,7 +25,6 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-process (
                                 "torchrun on its GPU in bench/gpu_check.sh")
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-ENV = {**os.environ, "PYTHONSAFEPATH": "1"}
 # constant learning rate: runs of different lengths take identical steps
 SAME = ["train.lr_scheduler=\"constant\"", "train.warmup_steps=0", "run.log_every=1", "run.keep=10"]
 
@@ -52,14 +51,14 @@ def torchrun(command, config, out, *extra, nproc=2):
     """`torchrun --nproc_per_node N -m fasttune COMMAND CONFIG --set ...`, not waited for."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "fasttune", command, str(EXAMPLES / config), *[x for s in sets(out, *extra) for x in ("--set", s)]]
-    return subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def launch(command, config, out, *extra, nproc=2):
     """`fasttune COMMAND CONFIG --nproc N`, the shortcut that starts torchrun; waits, returns (rc, output)."""
     argv = [sys.executable, "-m", "fasttune", command, str(EXAMPLES / config), "--nproc", str(nproc),
             *[x for s in sets(out, *extra) for x in ("--set", s)]]
-    p = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
     return p.returncode, p.stdout + p.stderr
 
 

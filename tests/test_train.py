@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import re
 import signal
 import subprocess
@@ -108,8 +107,7 @@ def _sft_process(cfg_path, out_dir, steps):
     cmd = [sys.executable, "-m", "fasttune.cli", "sft", str(cfg_path), "--set", f"run.output_dir={json.dumps(str(out_dir))}",
            "--set", f"train.max_steps={steps}", "--set", "run.save_every=3", "--set", "run.keep=10",
            "--set", f"data.train={json.dumps(str(DATA / 'sft_alpaca.jsonl'))}", "--set", 'data.eval=""']
-    return subprocess.Popen(cmd, cwd=out_dir.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONSAFEPATH": "1"})
+    return subprocess.Popen(cmd, cwd=out_dir.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def test_kill_and_resume_gives_the_same_losses(tmp_path):

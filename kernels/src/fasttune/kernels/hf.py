@@ -157,8 +157,9 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     router = kwargs.pop("output_router_logits", getattr(cfg, "output_router_logits", False))
     if router:
         kwargs["output_router_logits"] = True
+    # a loss keeps no KV cache unless asked (config.use_cache would make one, and warn under gradient checkpointing)
     out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                          inputs_embeds=inputs_embeds, use_cache=bool(use_cache), **kwargs)
     lm = head_of(self)
     hidden = lm.scaled(out.last_hidden_state)
     if shift_labels is None:  # as transformers' ForCausalLMLoss: token t predicts label t + 1
@@ -174,8 +175,10 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
         balance = getattr(sys.modules[type(self).__module__], "load_balancing_loss_func")
         aux = balance(out.router_logits, self.num_experts, self.num_experts_per_tok, attention_mask)
         loss = loss + self.router_aux_loss_coef * aux.to(loss.device)
-    fields = dict(loss=loss, logits=None, past_key_values=out.past_key_values, hidden_states=out.hidden_states,
-                  attentions=out.attentions)
+    # the cache under the name this transformers gives it (`cache` since 5.x; the old name warns there)
+    cache = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    fields = {"loss": loss, "logits": None, cache: getattr(out, cache, None), "hidden_states": out.hidden_states,
+              "attentions": out.attentions}
     if aux is not None:
         from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 

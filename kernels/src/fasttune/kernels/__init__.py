@@ -3,6 +3,10 @@
 Depends on torch and triton only: importing it never imports transformers, peft or bitsandbytes.
 Tensors on CUDA take the Triton path; tensors on the CPU a chunked PyTorch path with the same
 memory bound. FASTTUNE_BACKEND=triton|torch (or backend=...) forces one.
+
+This is the fasttune-kernels distribution (kernels/pyproject.toml, `pip install ./kernels`): `fasttune`
+is a namespace package shared with the trainer's distribution, so the import reads the same with or
+without the trainer (kernels/README.md says why).
 """
 
 from .attention import varlen_attention

@@ -1,2 +1,0 @@
-"""fasttune: kernel-accelerated post-training."""
-__version__ = "0.1.0"

@@ -148,7 +148,8 @@ class DPOConfig:
     dpo: DPOSection = field(default_factory=DPOSection)
 
 
-from fasttune.kernels.grpo import LOSS_TYPES as GRPO_LOSS_TYPES  # noqa: E402 - light import
+from fasttune.advantages import ESTIMATORS, NEEDS_GROUP  # noqa: E402 - light imports
+from fasttune.kernels.grpo import IMPORTANCE_LEVELS, LOSS_TYPES as GRPO_LOSS_TYPES  # noqa: E402
 
 
 @dataclass
@@ -170,11 +171,19 @@ class GRPOSection:
     max_completion_len: int = doc(64, "new tokens per completion at most")
     temperature: float = doc(1.0, "sampling temperature (the loss uses the same)")
     top_p: float = doc(1.0, "nucleus sampling")
-    loss_type: str = choice("dapo", *GRPO_LOSS_TYPES)
-    beta: float = doc(0.0, "weight of the KL to the reference (the base with the adapter off)")
+    loss_type: str = choice("dapo", *GRPO_LOSS_TYPES, doc="the policy loss and how it is summed over "
+                            "tokens (docs/rl-estimators.md); cispo: the clipped, detached ratio times the log-prob")
+    advantage: str = choice("grpo", *ESTIMATORS, doc="estimator: group mean baseline, leave-one-out, or REINFORCE++ "
+                            "(per-token returns with the KL in the reward, whitened over the batch)")
+    importance_sampling_level: str = choice("token", *IMPORTANCE_LEVELS, doc="one ratio per token, or per "
+                                            "sequence (GSPO: the geometric mean of its token ratios)")
+    beta: float = doc(0.0, "weight of the KL to the reference (the base with the adapter off): in the loss, or for "
+                           "reinforce++ in the reward")
     epsilon_low: float = doc(0.2, "lower clip of the ratio: 1 - epsilon_low")
-    epsilon_high: float = doc(0.2, "upper clip of the ratio: 1 + epsilon_high")
-    scale_rewards: str = choice("group", "group", "batch", "none", doc="divide advantages by the std of")
+    epsilon_high: float = doc(0.2, "upper clip of the ratio: 1 + epsilon_high (cispo: the cap itself; 5.0 advised)")
+    scale_rewards: str = choice("group", "group", "batch", "none", doc="divide advantages by the std of the group's "
+                                "or the batch's rewards, or not (rloo: batch = TRL RLOO's normalize_advantages; "
+                                "reinforce++: none keeps only the mean subtraction)")
     mask_truncated_completions: bool = doc(False, "completions that hit max_completion_len get no loss")
     num_iterations: int = doc(1, "optimizer steps on each batch of samples (uses their old log-probs)")
     reward_funcs: list = doc(["math_answer"], 'built-in (math_answer, format, digit_ratio) or "file.py:function" / "module:function"')
@@ -292,6 +301,11 @@ def _validate(cfg, where):
         obj = getattr(cfg, section, None)
         if obj is not None and hasattr(obj, key) and getattr(obj, key) < 0:
             raise ConfigError(f"{where(section, key)} must be >= 0, got {getattr(obj, key)}")
+    g = getattr(cfg, "grpo", None)
+    if g is not None and g.advantage in NEEDS_GROUP and g.num_generations < 2:
+        raise ConfigError(f"{where('grpo', 'num_generations')} = {g.num_generations} with grpo.advantage = "
+                          f"{g.advantage!r}: its baseline comes from the other completions of the same prompt, so it "
+                          f"needs grpo.num_generations >= 2 (or use grpo.advantage = \"reinforce++\")")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -4,12 +4,14 @@ score them with reward functions, turn the rewards into advantages within each g
 
 - Generation: transformers' `generate` with a KV cache on the same (4-bit) weights and the live
   adapter, all completions of a micro-batch at once, stopping at the end-of-turn token.
-- Rewards: weighted sum of the reward functions (fasttune/rewards.py); advantages are
-  (r - group mean) / (std of the group, of the batch, or 1) - a group whose rewards are all equal
-  gets advantage 0. Every reward function is tried on a few samples before training.
+- Rewards: weighted sum of the reward functions (fasttune/rewards.py); advantages from them by
+  `grpo.advantage` (fasttune/advantages.py: grpo, rloo, reinforce++, reinforce++_baseline) - a group
+  whose rewards are all equal gets advantage 0. Every reward function is tried on a few samples first.
 - num_iterations > 1: the same samples serve that many optimizer steps, their log-probs at
   sampling time (`old_logps`) anchoring the clipped ratio.
 - beta > 0: the reference is the base with the adapter off; its log-probs are taken once per sample.
+  The KL goes into the loss, or for reinforce++ into the per-token reward (then the sampling
+  policy's log-probs are taken too).
 """
 
 import random
@@ -18,7 +20,9 @@ import time
 import torch
 
 from fasttune.kernels import grpo_loss, linear_logprobs
+from fasttune.kernels.grpo import PER_TOKEN_COUNT
 
+from .advantages import PER_TOKEN, compute_advantages
 from .config import ConfigError
 from .data import DataError, TemplateError, listed, render, stop_token_ids
 from .sources import read_data
@@ -65,6 +69,9 @@ class GRPOTask:
             f"{g.prompts_per_step} prompts per micro-batch; rewards: " +
             ", ".join(f"{w} × {s}" for (s, _), w in zip(self.funcs, self.weights)))
         self._check_rewards()
+        if g.loss_type == "cispo" and g.epsilon_high < 1:
+            log(f"warning: grpo.epsilon_high = {g.epsilon_high} with loss_type = \"cispo\" caps every importance "
+                "weight below 1 (for cispo it is the cap itself; 5.0 is the advised value)")
         t = cfg.train
 
         # one optimizer step takes grad_accum × world micro-batches; with num_iterations > 1 the
@@ -148,16 +155,12 @@ class GRPOTask:
         raw = torch.tensor(per, dtype=torch.float32).T  # NaN where a function returned None (not applicable)
         return raw, raw.nan_to_num(0.0) @ torch.tensor(self.weights, dtype=torch.float32)  # TRL's nansum
 
-    def advantages(self, total):
-        """Per-completion advantages from [P * G] rewards, grouped by prompt."""
-        G = self.g.num_generations
-        r = total.view(-1, G)
-        centered = r - r.mean(1, keepdim=True)
-        if self.g.scale_rewards == "group":
-            centered = centered / (r.std(1, keepdim=True) + 1e-4)
-        elif self.g.scale_rewards == "batch":
-            centered = centered / (total.std() + 1e-4)
-        return centered.reshape(-1)
+    def advantages(self, total, mask=None, sample_logps=None, ref_logps=None):
+        """Advantages from [P * G] rewards grouped by prompt: [P * G], or [P * G, C] for reinforce++
+        (which needs the completion mask, and with beta > 0 the sampling and reference log-probs)."""
+        g = self.g
+        return compute_advantages(g.advantage, total, g.num_generations, g.scale_rewards, mask=mask,
+                                  sample_logps=sample_logps, ref_logps=ref_logps, beta=g.beta)
 
     # ---- sampling -------------------------------------------------------------------------------
 
@@ -182,15 +185,18 @@ class GRPOTask:
 
     @torch.no_grad()
     def _rollout(self, model, prompts):
+        g = self.g
         batch = self.sample(model, prompts)
-        batch.advantages = self.advantages(batch.rewards)
         t1 = time.perf_counter()
-        if self.g.num_iterations > 1:
-            batch.old_logps = self.logps(model, batch).cpu()
-        if self.g.beta > 0:
+        kl_in_reward = g.advantage in PER_TOKEN and g.beta > 0
+        sample_logps = self.logps(model, batch).cpu() if g.num_iterations > 1 or kl_in_reward else None
+        if g.num_iterations > 1:
+            batch.old_logps = sample_logps
+        if g.beta > 0:
             with model.disable_adapter():
                 batch.ref_logps = self.logps(model, batch).cpu()
         batch.ref_time = time.perf_counter() - t1
+        batch.advantages = self.advantages(batch.rewards, batch.completion_mask, sample_logps, batch.ref_logps)
         return batch
 
     @torch.no_grad()
@@ -253,22 +259,25 @@ class GRPOTask:
     # ---- the loss -------------------------------------------------------------------------------
 
     def count(self, batch):
-        return batch.trained if self.g.loss_type in ("dapo", "bnpo") else len(batch.advantages)
+        return batch.trained if self.g.loss_type in PER_TOKEN_COUNT else len(batch.advantages)
 
     def loss(self, model, batch, n_items, dev):
         g = self.g
         h, head = self._hidden(model, batch)
         loss, s = grpo_loss(
             h, head.weight, batch.completion_ids, batch.completion_mask, batch.advantages,
-            old_logps=batch.old_logps, ref_logps=batch.ref_logps, beta=g.beta, epsilon_low=g.epsilon_low,
+            old_logps=batch.old_logps, ref_logps=batch.ref_logps, epsilon_low=g.epsilon_low,
+            beta=0.0 if g.advantage in PER_TOKEN else g.beta,  # reinforce++ has the KL in its reward
             epsilon_high=g.epsilon_high, loss_type=g.loss_type, temperature=g.temperature, num_items=n_items,
+            importance_sampling_level=g.importance_sampling_level,
             max_completion_len=g.max_completion_len, bias=head.bias, softcap=head.softcap,
         )
         G = g.num_generations
         r = batch.rewards.view(-1, G)
         stats = {
             "reward": batch.rewards.mean(), "reward_std": batch.rewards.std() if len(batch.rewards) > 1 else 0.0,
-            "frac_equal_groups": (r.std(1) < 1e-6).float().mean(),
+            "frac_equal_groups": (r.std(1, correction=0) < 1e-6).float().mean(),
+            "advantage_abs": _mean_abs(batch.advantages, batch.completion_mask),
             "completion_len": batch.lengths.float().mean(), "completion_len_max": batch.lengths.max().float(),
             "clipped_completions": batch.truncated.float().mean(),
             "kl": s.kl, "entropy": s.entropy, "clip_ratio_low": s.clip_ratio_low, "clip_ratio_high": s.clip_ratio_high,
@@ -289,6 +298,14 @@ class GRPOTask:
         if self.eval_prompts is None:
             self.eval_prompts = self._load_prompts(self.cfg.data.eval)
         return score(self, model, self.eval_prompts)
+
+
+def _mean_abs(adv, mask):
+    """Mean |advantage| over completions ([N]) or over completion tokens ([N, C])."""
+    if adv.dim() == 1:
+        return adv.abs().mean()
+    m = mask.float()
+    return (adv.abs() * m).sum() / m.sum().clamp_min(1)
 
 
 def score(task, model, prompts) -> dict:

@@ -92,13 +92,22 @@ def dpo_reference(logp, labels, ref_logps, *, beta, loss_type, label_smoothing=0
 
 
 def grpo_reference(logp, mask, advantages, *, old_logps=None, ref_logps=None, beta=0.0, eps_low=0.2,
-                   eps_high=0.2, loss_type="dapo", num_items=None, max_completion_len=None):
-    """TRL's GRPO loss in float64 on per-token log-probs [B, T]; also kl, clip fractions."""
+                   eps_high=0.2, loss_type="dapo", num_items=None, max_completion_len=None, level="token"):
+    """TRL's GRPO loss in float64 on per-token log-probs [B, T]; also kl, clip fractions.
+    advantages [B] or [B, T]; level "sequence" is GSPO's ratio (π/π_old)^(1/|y|) per sequence;
+    loss_type "cispo" is MiniMax-M1's -sg(min(ratio, ε_max))·A·log π."""
     m = mask.double()
     old = logp.detach() if old_logps is None else old_logps.double()
-    ratio = torch.exp((logp - old) * m)
-    A = advantages.double().unsqueeze(1)
-    per_token = -torch.min(ratio * A, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
+    log_ratio = (logp - old) * m
+    if level == "sequence":
+        log_ratio = log_ratio.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1)
+    ratio = torch.exp(log_ratio)
+    A = advantages.double()
+    A = A.unsqueeze(1) if A.dim() == 1 else A
+    if loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=eps_high).detach() * A * logp
+    else:
+        per_token = -torch.min(ratio * A, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
     kl = None
     if ref_logps is not None:
         d = (ref_logps.double() - logp) * m
@@ -112,6 +121,10 @@ def grpo_reference(logp, mask, advantages, *, old_logps=None, ref_logps=None, be
         loss = (per_token * m).sum() / ((num_items or B) * (max_completion_len or T))
     else:
         loss = (per_token * m).sum() / (num_items or m.sum())
-    low = ((ratio < 1 - eps_low) & (A < 0) & mask).double().sum() / m.sum()
-    high = ((ratio > 1 + eps_high) & (A > 0) & mask).double().sum() / m.sum()
-    return loss, kl, low, high
+    if loss_type == "cispo":
+        low, high = torch.zeros_like(ratio * A, dtype=torch.bool), (ratio > eps_high) & (A > 0)
+    else:
+        low, high = (ratio < 1 - eps_low) & (A < 0), (ratio > 1 + eps_high) & (A > 0)
+    # clip fractions over tokens, or over (non-empty) sequences when there is one ratio and one A per sequence
+    w = m if low.shape[1] > 1 else (m.sum(-1, keepdim=True) > 0).double()
+    return loss, kl, (low * w).sum() / w.sum(), (high * w).sum() / w.sum()

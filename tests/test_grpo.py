@@ -197,3 +197,68 @@ def test_prompts_the_template_refuses_are_skipped_and_counted(tmp_path):
     lines = []
     task = GRPOTask(cfg, real_tokenizers.load("mistral"), lines.append)
     assert len(task.prompts) == 1 and any("1 prompts skipped" in m and "p.jsonl:2" in m for m in lines), lines
+
+
+def _plain_logps(model, roll, temperature):
+    """The completion tokens' log-probs in float64 from the full logits (differentiable)."""
+    attn = roll.attention_mask
+    pos = (attn.cumsum(-1) - 1).clamp_min(0)
+    logits = model(input_ids=roll.input_ids, attention_mask=attn, position_ids=pos).logits
+    P, C = roll.prompt_len, roll.completion_ids.shape[1]
+    logp = (logits[:, P - 1 : P - 1 + C].double() / temperature).log_softmax(-1)
+    return logp.gather(-1, roll.completion_ids[..., None])[..., 0] * roll.completion_mask
+
+
+@pytest.mark.parametrize("sets", [
+    ['grpo.advantage="reinforce++"', "grpo.beta=0.1", 'grpo.loss_type="dapo"'],
+    ['grpo.advantage="reinforce++_baseline"', "grpo.beta=0.1", 'grpo.importance_sampling_level="sequence"',
+     'grpo.loss_type="grpo"', "grpo.num_iterations=2"],
+    ['grpo.advantage="rloo"', 'grpo.loss_type="cispo"', "grpo.epsilon_high=1.5", "grpo.num_iterations=2"],
+])
+def test_estimators_and_losses_reach_the_loss(tmp_path, sets):
+    """The keys are wired: reinforce++ gets [N, C] advantages from the rewards and the KL of the
+    sampling policy to the reference, and no KL term in the loss; the loss is the float64 one."""
+    from fasttune.advantages import compute_advantages
+    from reference import grpo_reference
+
+    cfg, task, model = task_and_model(tmp_path, *sets, "grpo.temperature=0.8")
+    g = task.g
+    torch.manual_seed(2)
+    roll = task.rollout(task.prompts[:2])
+    per_token = g.advantage.startswith("reinforce++")
+    assert roll.advantages.shape == ((len(roll.rewards), roll.completion_ids.shape[1]) if per_token
+                                     else (len(roll.rewards),))
+    sample_logps = task.logps(model, roll)
+    want = compute_advantages(g.advantage, roll.rewards, g.num_generations, g.scale_rewards, mask=roll.completion_mask,
+                              sample_logps=sample_logps, ref_logps=roll.ref_logps, beta=g.beta)
+    torch.testing.assert_close(roll.advantages, want, rtol=1e-4, atol=1e-5)
+    if per_token and g.beta > 0:  # the KL moved the advantages: without it they differ
+        no_kl = compute_advantages(g.advantage, roll.rewards, g.num_generations, g.scale_rewards,
+                                   mask=roll.completion_mask)
+        assert not torch.allclose(roll.advantages, no_kl, atol=1e-3)
+    if roll.old_logps is not None:
+        roll.old_logps = roll.old_logps + 0.3 * torch.randn_like(roll.old_logps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = task.count(roll)
+    ours, stats = task.loss(model, roll, n, torch.device("cpu"))
+    logp = _plain_logps(model, roll, g.temperature)
+    plain, *_ = grpo_reference(logp, roll.completion_mask, roll.advantages, old_logps=roll.old_logps,
+                               ref_logps=roll.ref_logps, beta=0.0 if per_token else g.beta, eps_low=g.epsilon_low,
+                               eps_high=g.epsilon_high, loss_type=g.loss_type, num_items=n,
+                               max_completion_len=g.max_completion_len, level=g.importance_sampling_level)
+    for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(plain, params)):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-7)
+    assert torch.allclose(ours.double(), plain.detach(), rtol=1e-5, atol=1e-7)
+    assert "advantage_abs" in stats
+
+
+def test_rloo_raises_a_learnable_reward(tmp_path):
+    """As test_a_learnable_reward_rises, with the leave-one-out advantage (TRL RLOOTrainer's default
+    scaling, none)."""
+    cfg = config(tmp_path, f'grpo.reward_funcs=["{REWARDS}:likes_x"]', "grpo.reward_weights=[]", "train.max_steps=30",
+                 "grpo.beta=0.0", "grpo.num_iterations=1", "train.learning_rate=1e-2", "grpo.prompts_per_step=4",
+                 'grpo.advantage="rloo"', 'grpo.scale_rewards="none"')
+    train_grpo(cfg, log=quiet)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    first, last = sum(r["reward"] for r in rows[:5]) / 5, sum(r["reward"] for r in rows[-5:]) / 5
+    assert last > 2 * first and last > 0.1, (first, last)

@@ -9,6 +9,7 @@ import torch
 from fasttune.kernels import dpo_loss, grpo_loss, linear_logprobs
 from fasttune.kernels.dpo import LOSS_TYPES as DPO_TYPES
 from fasttune.kernels.grpo import LOSS_TYPES as GRPO_TYPES
+from fasttune.kernels.grpo import PER_TOKEN_COUNT
 from reference import TOL, dpo_reference, grpo_reference, logprobs_reference, rel_err
 
 BACKENDS = ["torch", "triton"]
@@ -245,6 +246,38 @@ def test_grpo_loss_types(backend, loss_type, with_old):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", GRPO_TYPES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("per_token_adv", [False, True])
+def test_grpo_sequence_level_and_per_token_advantages(backend, loss_type, level, per_token_adv):
+    """GSPO's sequence ratio and REINFORCE++'s [B, T] advantages, against the float64 reference."""
+    B, T = 5, 7
+    h, w, b = head(B, T, bias=True)
+    ids, mask, adv = grpo_batch(B, T)
+    mask[3, :] = False  # a sequence with no completion token: ratio 1, no loss, no clip count
+    # row 0: ratios ~0.45 with A < 0 (clipped low), row 1: ~2.2 with A > 0 (clipped high), rows 2, 4 near 1
+    sign = torch.tensor([-1.0, 1.0, 1.0, -1.0, 1.0])
+    shift = torch.tensor([-0.8, 0.8, 0.0, 0.0, 0.0])
+    adv = (torch.rand(B, T) + 0.1) * sign[:, None] if per_token_adv else (torch.rand(B) + 0.1) * sign
+    temp = 1.3
+    z, p64 = logits64(h, w, b)
+    logp64, _ = logprobs_reference(z, torch.where(mask, ids, -100), temperature=temp)
+    old = (logp64.detach() - shift[:, None] + 0.1 * torch.randn(B, T)).float()
+    ref = (logp64.detach() + 0.2 * torch.randn(B, T)).float()
+    eps_high = 1.5 if loss_type == "cispo" else 0.28
+    loss, stats = grpo_loss(h, w, ids, mask, adv, old_logps=old, ref_logps=ref, beta=0.03, epsilon_low=0.2,
+                            epsilon_high=eps_high, loss_type=loss_type, importance_sampling_level=level,
+                            temperature=temp, bias=b, backend=backend, chunk_size=4)
+    ref_loss, _, low, high = grpo_reference(logp64, mask, adv, old_logps=old, ref_logps=ref, beta=0.03, eps_low=0.2,
+                                            eps_high=eps_high, loss_type=loss_type, level=level)
+    assert rel_err(loss, ref_loss) < TOL[torch.float32], (loss, ref_loss)
+    assert_close(grads(loss, (h, w, b)), torch.autograd.grad(ref_loss, p64), TOL[torch.float32], (loss_type, level))
+    assert stats.clip_ratio_low.item() == pytest.approx(low.item(), abs=1e-6)
+    assert stats.clip_ratio_high.item() == pytest.approx(high.item(), abs=1e-6)
+    assert 0 < stats.clip_ratio_region.item() < 1  # some ratios clip, not all
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_grpo_masked_sequence_and_length_one(backend):
     h, w, _ = head(3, 1, train_w=False)
     ids, mask, adv = torch.randint(0, 97, (3, 1)), torch.tensor([[True], [False], [True]]), torch.randn(3)
@@ -270,7 +303,7 @@ def test_grpo_gradient_accumulation(backend, loss_type):
     h, w, _ = head(B, T)
     ids, mask, adv = grpo_batch(B, T)
     old = torch.randn(B, T) * 0.1 - 4.0
-    n_full = int(mask.sum()) if loss_type in ("dapo", "bnpo") else B
+    n_full = int(mask.sum()) if loss_type in PER_TOKEN_COUNT else B
     full, _ = grpo_loss(h, w, ids, mask, adv, old_logps=old, loss_type=loss_type, backend=backend)
     g_full = grads(full, (h, w))
     total, gw, gh = 0.0, torch.zeros_like(w), torch.zeros_like(h)
@@ -289,7 +322,9 @@ def test_grpo_bad_input():
     h, w, _ = head(2, 3)
     ids, mask = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool)
     with pytest.raises(ValueError, match="advantages"):
-        grpo_loss(h, w, ids, mask, torch.zeros(2, 3))
+        grpo_loss(h, w, ids, mask, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        grpo_loss(h, w, ids, mask, torch.zeros(2), importance_sampling_level="sentence")
     with pytest.raises(ValueError, match="ref_logps"):
         grpo_loss(h, w, ids, mask, torch.zeros(2), beta=0.1)
     with pytest.raises(ValueError, match="loss_type"):

@@ -88,15 +88,17 @@ def test_dpo_loss():
     _close(*_both(lambda x: dpo_loss(x, w, labels, ref_logps=ref, beta=0.2)[0], [hidden]))
 
 
-def test_grpo_loss():
+@pytest.mark.parametrize("kw", [{}, {"loss_type": "cispo", "importance_sampling_level": "sequence", "epsilon_high": 5.0}],
+                         ids=["token", "gspo-cispo-per-token-adv"])
+def test_grpo_loss(kw):
     B, T, H, V = 4, 7, 16, 29
     hidden = torch.randn(B, T, H, requires_grad=True)
     w = torch.randn(V, H) / H**0.5
     ids = torch.randint(0, V, (B, T))
     mask = torch.rand(B, T) > 0.2
-    adv = torch.randn(B)
+    adv = torch.randn(B, T) if kw else torch.randn(B)
     ref = torch.randn(B, T) - 3
-    _close(*_both(lambda x: grpo_loss(x, w, ids, mask, adv, ref_logps=ref, beta=0.04)[0], [hidden]))
+    _close(*_both(lambda x: grpo_loss(x, w, ids, mask, adv, ref_logps=ref, beta=0.04, **kw)[0], [hidden]))
 
 
 @pytest.mark.parametrize("kw", [{}, {"softcap": 5.0, "window": 4}, {"causal": False}], ids=["causal", "gemma", "full"])

@@ -1,17 +1,26 @@
 """The GRPO loss on a linear head, without the policy's logits.
 
 Per completion token t of sequence i, with logp the policy's log-prob of the sampled token (at
-`temperature`, as sampled), old the sampling policy's and ref the reference's:
+`temperature`, as sampled), old the sampling policy's and ref the reference's, and A the advantage
+(one per sequence, A_i, or one per token, A_it, for REINFORCE++):
 
-    ratio = exp(logp - old)                       (old = logp.detach() when not given: ratio 1)
-    loss_t = -min(ratio·A_i, clip(ratio, 1 - ε_low, 1 + ε_high)·A_i) + β·kl_t
+    ratio  = exp(logp - old)                      (old = logp.detach() when not given: ratio 1)
+    loss_t = -min(ratio·A, clip(ratio, 1 - ε_low, 1 + ε_high)·A) + β·kl_t
     kl_t   = exp(ref - logp) - (ref - logp) - 1   (k3 estimator, only with β > 0)
+
+importance_sampling_level = "sequence" (GSPO) uses one ratio per sequence, the geometric mean of its
+token ratios, exp(mean_t (logp - old)), clipped as above, as TRL's GRPOTrainer (its gradient reaches
+every token of the sequence through the mean). loss_type = "cispo" (MiniMax-M1, as TRL) clips the
+ratio from above only, detaches it, and weights the log-prob with it:
+
+    loss_t = -sg(min(ratio, ε_high))·A·logp + β·kl_t       (ε_high is the cap itself: TRL advises 5)
 
 and the aggregation of TRL's GRPOTrainer (m = completion mask):
 
     grpo     mean_i( Σ_t m·loss / Σ_t m )          num_items: number of sequences
     dr_grpo  Σ m·loss / (num_seqs · max_completion_len)   num_items: number of sequences
     dapo     Σ m·loss / Σ m                         num_items: number of completion tokens
+    cispo    Σ m·loss / Σ m                         num_items: number of completion tokens
     bnpo     Σ m·loss / Σ m                         num_items: number of completion tokens
 
 `num_items` is the count over the whole accumulated batch, so splitting a batch into
@@ -26,15 +35,17 @@ import torch
 
 from .logprobs import linear_logprobs
 
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo")
+IMPORTANCE_LEVELS = ("token", "sequence")
+PER_TOKEN_COUNT = ("dapo", "bnpo", "cispo")  # num_items counts completion tokens (else sequences)
 
 
 class GRPOStats(NamedTuple):
     """Means over this call's completion tokens (0-d, detached)."""
 
     kl: torch.Tensor  # mean k3 KL to the reference (0 without ref_logps)
-    clip_ratio_low: torch.Tensor  # ratio < 1 - ε_low where A < 0
-    clip_ratio_high: torch.Tensor  # ratio > 1 + ε_high where A > 0
+    clip_ratio_low: torch.Tensor  # ratio < 1 - ε_low where A < 0 (per sequence at the sequence level)
+    clip_ratio_high: torch.Tensor  # ratio > 1 + ε_high where A > 0 (cispo: ratio > ε_high where A > 0)
     clip_ratio_region: torch.Tensor  # either
     entropy: torch.Tensor  # mean entropy of the policy at `temperature`
     logps: torch.Tensor  # [B, T] the policy's log-probs (0 off the mask), detached
@@ -54,6 +65,7 @@ def grpo_loss(
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.2,
     loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
     temperature: float = 1.0,
     num_items: int | torch.Tensor | None = None,
     max_completion_len: int | None = None,
@@ -63,13 +75,16 @@ def grpo_loss(
     backend: str | None = None,
 ):
     """GRPO loss: hidden [B, T, H] are the states that predict completion_ids [B, T] (shifted),
-    completion_mask [B, T] marks the completion tokens, advantages [B]. old_logps / ref_logps
+    completion_mask [B, T] marks the completion tokens, advantages [B] or [B, T]. old_logps / ref_logps
     [B, T] as from `linear_logprobs`. max_completion_len (dr_grpo) defaults to T. `softcap`: the
     model's final logit softcap (Gemma 2), applied before the temperature.
     Returns (loss, GRPOStats).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in IMPORTANCE_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_LEVELS}, "
+                         f"got {importance_sampling_level!r}")
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H], got {tuple(hidden.shape)}")
     B, T = hidden.shape[:2]
@@ -77,8 +92,9 @@ def grpo_loss(
                     ("old_logps", old_logps), ("ref_logps", ref_logps)):
         if t is not None and t.shape != (B, T):
             raise ValueError(f"{name} must be [B, T] = [{B}, {T}], got {tuple(t.shape)}")
-    if advantages.shape != (B,):
-        raise ValueError(f"advantages must be [B] = [{B}] (one per sequence), got {tuple(advantages.shape)}")
+    if advantages.shape not in ((B,), (B, T)):
+        raise ValueError(f"advantages must be [B] = [{B}] (one per sequence) or [B, T] = [{B}, {T}] (one per "
+                         f"token), got {tuple(advantages.shape)}")
     if beta > 0 and ref_logps is None:
         raise ValueError("beta > 0 needs ref_logps (the reference model's log-probs)")
     dev = hidden.device
@@ -91,10 +107,16 @@ def grpo_loss(
     mf = m.float()
     old = logp.detach() if old_logps is None else old_logps.to(dev, non_blocking=True)
     log_ratio = torch.where(m, logp - old, torch.zeros_like(logp))
+    if importance_sampling_level == "sequence":  # [B, 1]: exp of the mean log-ratio of the sequence
+        log_ratio = log_ratio.sum(-1, keepdim=True) / mf.sum(-1, keepdim=True).clamp_min(1)
     ratio = torch.exp(log_ratio)
-    A = advantages.to(dev, torch.float32, non_blocking=True).unsqueeze(1)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    per_token = -torch.min(ratio * A, clipped * A)
+    A = advantages.to(dev, torch.float32, non_blocking=True)
+    A = A.unsqueeze(1) if A.dim() == 1 else A
+    if loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=epsilon_high).detach() * A * logp
+    else:
+        clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+        per_token = -torch.min(ratio * A, clipped * A)
     kl = None
     if ref_logps is not None:
         d = torch.where(m, ref_logps.to(dev, non_blocking=True) - logp, torch.zeros_like(logp))
@@ -109,20 +131,31 @@ def grpo_loss(
         loss = per_seq.sum() / _count(num_items, B, dev)
     elif loss_type == "dr_grpo":
         loss = summed.sum() / (_count(num_items, B, dev) * (max_completion_len or T))
-    else:  # dapo, bnpo
+    else:  # dapo, bnpo, cispo
         n = _count(num_items, count, dev)
         loss = torch.where(n > 0, summed.sum() / n.clamp_min(1e-12), summed.sum() * 0)
 
     with torch.no_grad():
         denom = count.clamp_min(1)
-        low = ((ratio < 1 - epsilon_low) & (A < 0) & m).float()
-        high = ((ratio > 1 + epsilon_high) & (A > 0) & m).float()
+        if loss_type == "cispo":
+            low, high = torch.zeros_like(ratio * A, dtype=torch.bool), (ratio > epsilon_high) & (A > 0)
+        else:
+            low, high = (ratio < 1 - epsilon_low) & (A < 0), (ratio > 1 + epsilon_high) & (A > 0)
+        clip = [_masked_mean(x.float(), mf) for x in (low, high, low | high)]
         stats = GRPOStats(
             (kl * mf).sum() / denom if kl is not None else torch.zeros((), device=dev),
-            low.sum() / denom, high.sum() / denom, torch.maximum(low, high).sum() / denom,
-            (entropy * mf).sum() / denom, logp.detach(), count,
+            *clip, (entropy * mf).sum() / denom, logp.detach(), count,
         )
     return loss, stats
+
+
+def _masked_mean(x, mf):
+    """Mean over completion tokens, or over sequences with any completion token when x is [B, 1]
+    (sequence-level ratios with per-sequence advantages), as TRL logs its clip ratios."""
+    if x.shape[1] == 1:
+        seq = (mf.sum(-1, keepdim=True) > 0).float()
+        return (x * seq).sum() / seq.sum().clamp_min(1)
+    return (x * mf).sum() / mf.sum().clamp_min(1)
 
 
 def _count(num_items, default, device):

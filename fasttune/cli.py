@@ -136,7 +136,7 @@ def _generate(args) -> int:
     print(f"generating {args.num_samples} completion(s) for each of {len(prompts)} prompts with {loaded.what}",
           file=sys.stderr)
     completions = generate(loaded.model, loaded.tok, [p["messages"] for p in prompts], num_samples=args.num_samples,
-                           batch_size=args.batch_size, **settings)
+                           batch_size=args.batch_size, weights=args.weights, **settings)
     lines = "".join(json.dumps({"prompt": p["prompt"], "completion": c, "sample": k, "model": loaded.what, **settings},
                                ensure_ascii=False) + "\n" for p, samples in zip(prompts, completions)
                     for k, c in enumerate(samples))
@@ -156,7 +156,8 @@ def _chat(args) -> int:
     loaded = load(args.target, device(), base=args.base)
     if sys.stdin.isatty():
         print(f"model: {loaded.what}")
-    chat(loaded.model, loaded.tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    chat(loaded.model, loaded.tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+         weights=args.weights)
     return 0
 
 
@@ -201,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--base", action="store_true", help="the run's base model without its adapter, to compare")
+        p.add_argument("--weights", choices=("auto", "merged", "live"), default="auto",
+                       help="an adapter run samples from a merged dense copy (merged), the 4-bit model and adapter "
+                            "as trained (live), or merged when it fits (auto)")
 
     target = "a run folder (its last checkpoint), a checkpoint folder, a merged folder or a model folder"
     p = sub.add_parser("generate", help="complete a file of prompts with a trained model",

@@ -188,6 +188,12 @@ class GRPOSection:
     num_iterations: int = doc(1, "optimizer steps on each batch of samples (uses their old log-probs)")
     reward_funcs: list = doc(["math_answer"], 'built-in (math_answer, format, digit_ratio) or "file.py:function" / "module:function"')
     reward_weights: list = doc([], "one weight per reward function (default: all 1)")
+    rollout_weights: str = choice("auto", "auto", "merged", "live",
+                                  doc="sample from a merged dense copy of the policy (refreshed each step) or from the "
+                                      "live (4-bit) model; auto: merged when the copy fits in half the free memory")
+    generation: str = choice("auto", "auto", "dynamic", "static", "continuous",
+                             doc="transformers' generate with a dynamic or static (compiled on CUDA) KV cache, or its "
+                                 "continuous batching; auto: the measured fastest for the device and batch size")
 
 
 @dataclass

@@ -2,8 +2,10 @@
 score them with reward functions, turn the rewards into advantages within each group, and optimize
 `fasttune.kernels.grpo_loss`.
 
-- Generation: transformers' `generate` with a KV cache on the same (4-bit) weights and the live
-  adapter, all completions of a micro-batch at once, stopping at the end-of-turn token.
+- Generation: all completions of a micro-batch at once, stopping at the end-of-turn token, from a
+  merged dense copy of the policy refreshed after each optimizer step, or from the live (4-bit)
+  model; transformers' generate with a dynamic or static KV cache, or its continuous batching
+  (fasttune/rollout.py; `grpo.rollout_weights`, `grpo.generation`).
 - Rewards: weighted sum of the reward functions (fasttune/rewards.py); advantages from them by
   `grpo.advantage` (fasttune/advantages.py: grpo, rloo, reinforce++, reinforce++_baseline) - a group
   whose rewards are all equal gets advantage 0. Every reward function is tried on a few samples first.
@@ -90,7 +92,7 @@ class GRPOTask:
 
         self.stream = Stream(plan, self._rollout_for)
         self._cache, self._cache_size = {}, t.grad_accum
-        self.model = self.dev = self.run = self.eval_prompts = self.stops = None  # set by setup()
+        self.model = self.dev = self.run = self.eval_prompts = self.stops = self.rollouts = None  # set by setup()
 
     # ---- data and rewards -----------------------------------------------------------------------
 
@@ -165,8 +167,14 @@ class GRPOTask:
     # ---- sampling -------------------------------------------------------------------------------
 
     def setup(self, model, dev, run_dir, dist=None):
+        from .models import compute_dtype
+        from .rollout import Rollouts
+
         self.model, self.dev = model, dev
         self.stops = stop_token_ids(self.tok, model)  # eos and the template's end of turn
+        self.rollouts = Rollouts(model, compute_dtype(self.cfg.model.compute_dtype, dev), dev,
+                                 weights=self.g.rollout_weights, engine=self.g.generation, log=self.log,
+                                 sharded=dist is not None and dist.mode == "fsdp")
 
     def _rollout_for(self, item):
         epoch, k, group = item
@@ -213,13 +221,12 @@ class GRPOTask:
             mask[i * G : (i + 1) * G, P - len(p["ids"]) :] = 1
         was_training = model.training
         model.eval()
-        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True,
-                             temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_completion_len,
-                             eos_token_id=self.stops, pad_token_id=tok.pad_token_id,
-                             synced_gpus=_sharded(self.run))
+        from .rollout import Sampling
+
+        comp = self.rollouts.generate(model, ids.to(dev), mask.to(dev), Sampling(
+            g.max_completion_len, g.temperature, g.top_p, self.stops, tok.pad_token_id, synced_gpus=_sharded(self.run)))
         if was_training:
             model.train()
-        comp = out[:, P:].cpu()
         C = comp.shape[1]
         is_eos = torch.isin(comp, torch.tensor(self.stops))
         ended = is_eos.any(1)

@@ -5,7 +5,8 @@
   its base (4-bit for QLoRA) with the checkpoint's adapter; `base=True` gives the base alone.
 - `read_prompts(path)`: JSON or JSONL records with `prompt` (a string or messages) or `messages`.
 - `generate(...)`: batched sampling (left-padded, KV cache) of `num_samples` completions per prompt,
-  each prompt rendered with the chat template and its generation prompt, as in training.
+  each prompt rendered with the chat template and its generation prompt, as in training. An adapter
+  run samples from a merged dense copy (fasttune/rollout.py) when it fits, as GRPO's rollouts do.
 - `chat(...)`: a multi-turn conversation on the terminal, tokens streamed as they come.
 """
 
@@ -142,10 +143,15 @@ def _sampling(temperature, top_p):
 
 @torch.no_grad()
 def generate(model, tok, prompts, *, max_new_tokens=256, temperature=0.7, top_p=1.0, num_samples=1, batch_size=16,
-             dev=None) -> list[list[str]]:
-    """Completions [prompt][sample] for `prompts` (lists of messages), batched with left padding."""
+             dev=None, weights="auto") -> list[list[str]]:
+    """Completions [prompt][sample] for `prompts` (lists of messages), batched with left padding;
+    `weights`: "auto", "merged" or "live", as grpo.rollout_weights."""
+    from .rollout import Sampling, for_inference
+
     dev = dev or next(model.parameters()).device
     stops = stop_token_ids(tok, model)
+    rollouts = for_inference(model, weights)
+    sampling = Sampling(max_new_tokens, temperature, top_p, stops, tok.pad_token_id, top_k=None)
     ids = [render(tok, m) for m in prompts]
     jobs = [(i, k) for i in range(len(ids)) for k in range(num_samples)]
     out = [[None] * num_samples for _ in ids]
@@ -157,23 +163,27 @@ def generate(model, tok, prompts, *, max_new_tokens=256, temperature=0.7, top_p=
         for r, (i, _) in enumerate(chunk):
             x[r, P - len(ids[i]):] = torch.tensor(ids[i])
             mask[r, P - len(ids[i]):] = 1
-        y = model.generate(input_ids=x.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                           eos_token_id=stops, pad_token_id=tok.pad_token_id, **_sampling(temperature, top_p))
+        y = rollouts.generate(model, x.to(dev), mask.to(dev), sampling)
         for r, (i, k) in enumerate(chunk):
-            comp = y[r, P:].tolist()
+            comp = y[r].tolist()
             end = next((j for j, t in enumerate(comp) if t in stops), len(comp))
             comp = comp[:end]
             out[i][k] = tok.decode(comp, skip_special_tokens=True)
     return out
 
 
-def chat(model, tok, *, inp=sys.stdin, out=sys.stdout, max_new_tokens=512, temperature=0.7, top_p=1.0):
+def chat(model, tok, *, inp=sys.stdin, out=sys.stdout, max_new_tokens=512, temperature=0.7, top_p=1.0, weights="auto"):
     """A conversation: each line of `inp` is a user turn, the reply is streamed to `out`. Commands:
     /reset, /system TEXT, /exit. On a terminal, prompts are shown; piped, only the replies. When the
-    conversation and a reply would outgrow the model's context, the oldest exchanges are dropped."""
+    conversation and a reply would outgrow the model's context, the oldest exchanges are dropped.
+    An adapter run talks through a merged dense copy when it fits (`weights`, as in `generate`)."""
     from threading import Thread
 
     from transformers import TextIteratorStreamer
+
+    from .rollout import for_inference
+
+    model = for_inference(model, weights).policy(model)
 
     interactive = inp.isatty()
     stops = stop_token_ids(tok, model)

@@ -59,5 +59,33 @@ def gguf_path() -> Path:
     return out
 
 
+def hf_folder() -> Path:
+    """SmolLM2 as a transformers folder (fp32 safetensors, tokenizer, chat template), converted once from
+    the GGUF into the cache: it loads in seconds, and `model.path` can name it like any model folder."""
+    out = cache_root() / f"smollm2-{VERSION}-hf"
+    if (out / "config.json").is_file():
+        return out
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = gguf_path()
+    tmp = Path(tempfile.mkdtemp(dir=cache_root(), prefix=".smollm2-hf-"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name)  # dequantized to fp32
+        model.hf_quantizer = None  # what is left of the GGUF loading; the weights are plain tensors now
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name).save_pretrained(tmp)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process converted it first
+            if not (out / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 if __name__ == "__main__":
     print(gguf_path())

@@ -137,6 +137,51 @@ def _dpo_case(provider, shape, dtype):
     return _loss_runner(loss_fn, h)
 
 
+def _kto_case(provider, shape, dtype):
+    """B unpaired completions of T tokens (the first half prompt), half desirable; reference
+    log-probs and the KL reference point given (TRL computes them under no_grad as well)."""
+    g = torch.Generator().manual_seed(0)
+    B, T, V = shape["B"], shape["T"], shape["V"]
+    h, w = _head_inputs(B, T, shape, DTYPES[dtype], g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[:, : T // 2] = -100
+    desirable = torch.arange(B) % 2 == 0
+    ref = (torch.randn(B, generator=g) - T).to(device())
+    kl = torch.tensor(0.5, device=device())
+    if provider == "fasttune":
+        from fasttune.kernels import kto_loss
+
+        def loss_fn():
+            return kto_loss(h, w, labels, desirable, ref_logps=ref, kl=kl, beta=0.1)[0]
+    elif provider == "naive":
+        labels_d, d = labels.to(device()), desirable.to(device())
+
+        def loss_fn():  # TRL's KTOTrainer on full logits
+            r = _naive_logps(h, w, labels_d).sum(-1) - ref
+            return torch.where(d, 1 - torch.sigmoid(0.1 * (r - kl)), 1 - torch.sigmoid(0.1 * (kl - r))).mean()
+    elif provider == "liger":
+        cuda_only("Liger-Kernel")
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearKTOLoss
+        except ImportError as e:
+            raise Unavailable(f"liger-kernel not installed ({e})") from None
+        liger = LigerFusedLinearKTOLoss(beta=0.1, use_ref_model=False)  # reference-free: same head work
+        labels_d, d = labels.to(device()), desirable.to(device())
+
+        import inspect
+
+        params = list(inspect.signature(liger.forward).parameters)  # the argument order changed across versions
+        first = (h, w) if params[0] == "_input" else (w, h)
+        extra = {"kl": kl} if "kl" in params else {}
+
+        def loss_fn():
+            out = liger(*first, labels_d, preference_labels=d, **extra)
+            return out[0] if isinstance(out, tuple) else out
+    else:
+        raise Unavailable(f"no provider {provider!r} for kto_loss")
+    return _loss_runner(loss_fn, h)
+
+
 def _grpo_case(provider, shape, dtype):
     """G completions of T tokens, old and reference log-probs given, beta = 0.04, dapo."""
     g = torch.Generator().manual_seed(0)
@@ -407,7 +452,7 @@ def _alloc_case(provider, shape, dtype):
     return run
 
 
-CASES = {"alloc": _alloc_case, "fused_linear_cross_entropy": _flce_case, "dpo_loss": _dpo_case, "grpo_loss": _grpo_case,
+CASES = {"alloc": _alloc_case, "fused_linear_cross_entropy": _flce_case, "dpo_loss": _dpo_case, "grpo_loss": _grpo_case, "kto_loss": _kto_case,
          "varlen_attention": _attention_case, "sft_demo": _sft_demo_case, "sft_ranks": _sft_ranks_case, "dpo_step": _dpo_step_case,
          "grpo_demo": _grpo_demo_case}
 PEERS = {"torch_chunked", "torch_compile", "liger", "cce", "varlen_attn", "flex"}

@@ -69,7 +69,7 @@ timeout 90 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e ./
 cat "$OUT/env.txt"
 
 # ---- the most important figures first -----------------------------------------------------------
-KERNEL_TESTS="tests/test_gpu.py tests/test_cross_entropy.py tests/test_logprobs.py tests/test_attention.py"
+KERNEL_TESTS="tests/test_gpu.py tests/test_cross_entropy.py tests/test_logprobs.py tests/test_attention.py tests/test_kto.py"
 stage kernel_tests 80 $PY -m pytest $KERNEL_TESTS -q -p no:cacheprovider
 e2e e2e_1b 80 llama-3.2-1b sft:4096
 e2e e2e_8b 120 llama-3-8b sft:4096

@@ -82,6 +82,22 @@ def preference():
         f.writelines(json.dumps(r) + "\n" for r in openai)
 
 
+def unpaired():
+    """KTO completions, each alone with a label: the same rule as the DPO pairs (an answer ending with
+    "!" is desirable, one ending with "." is not), half of each, in random order."""
+    out = Path(__file__).parent / "data"
+    rng = random.Random(3)
+    rows = []
+    for _ in range(320):
+        ins, inp, ans = task(rng)
+        good = rng.random() < 0.5
+        rows.append({"prompt": f"{ins}\n\n{inp}", "completion": ans + ("!" if good else "."), "label": good})
+    with open(out / "kto_unpaired.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[:300])
+    with open(out / "kto_unpaired_eval.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[300:])
+
+
 def arithmetic():
     """GRPO prompts: small additions with their answers (for the built-in math_answer reward)."""
     out = Path(__file__).parent / "data"
@@ -95,4 +111,5 @@ def arithmetic():
 if __name__ == "__main__":
     main()
     preference()
+    unpaired()
     arithmetic()

@@ -46,11 +46,16 @@ def check_sft(cfg, tok):
 
 
 def check_dpo(cfg, tok):
+    check_pairs(cfg, tok, cfg.dpo)
+
+
+def check_pairs(cfg, tok, section):
+    """The preference pairs of data.train and data.eval, read with `section`'s lengths."""
     from .preference import load_pairs
 
     for name in ("train", "eval"):
         if getattr(cfg.data, name):
-            pairs, report = load_pairs(getattr(cfg.data, name), tok, cfg.data, cfg.dpo)
+            pairs, report = load_pairs(getattr(cfg.data, name), tok, cfg.data, section)
             print(f"[{name}] " + report.summary())
             if name == "train":
                 p = pairs[0]

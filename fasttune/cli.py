@@ -3,6 +3,8 @@
     fasttune sft CONFIG.toml [--set section.key=value ...]   supervised fine-tuning
     fasttune dpo CONFIG.toml [--set ...]                     preference training (DPO)
     fasttune grpo CONFIG.toml [--set ...]                    online RL with reward functions (GRPO)
+    fasttune kto CONFIG.toml [--set ...]                     KTO on unpaired, labelled completions
+    fasttune reward CONFIG.toml [--set ...]                  a reward model (LoRA + scalar head) on pairs
     fasttune check CONFIG.toml [--set ...]                   validate config and data, train nothing
     fasttune sft CONFIG.toml --nproc N                       the same on N processes (GPUs) under torchrun
     torchrun --nproc_per_node N -m fasttune sft CONFIG.toml  the same, torchrun's way (and --nnodes)

@@ -4,7 +4,7 @@ An unknown or misplaced key, a wrong type or a bad value is a `ConfigError` that
 the line, the key, and the nearest valid key. `--set section.key=value` overrides a key (the value
 is read as TOML, or taken as a string). `resolved_toml` writes the config back out as it was run.
 
-Sections: [model], [lora], [data], [train], [run]; a command adds its own ([dpo], [grpo]).
+Sections: [model], [lora], [data], [train], [run]; a command adds its own ([dpo], [grpo], [kto], [reward]).
 """
 
 import dataclasses
@@ -150,6 +150,63 @@ class DPOConfig:
 
 from fasttune.advantages import ESTIMATORS, NEEDS_GROUP  # noqa: E402 - light imports
 from fasttune.kernels.grpo import IMPORTANCE_LEVELS, LOSS_TYPES as GRPO_LOSS_TYPES  # noqa: E402
+from fasttune.kernels.kto import LOSS_TYPES as KTO_LOSS_TYPES  # noqa: E402 - light import
+
+
+@dataclass
+class KTODataConfig:
+    train: str = doc("", "unpaired completions (prompt/completion/label), or preference pairs with kto.from_pairs: "
+                         "JSON/JSONL, Parquet, CSV or Arrow file, datasets folder, or hub id")
+    eval: str = doc("", "optional held-out data, same format")
+    format: str = choice("auto", "auto", "kto", "prompt_chosen_rejected", "sharegpt", "openai")
+    columns: dict = doc({}, 'map the format\'s field names onto your columns, e.g. {completion = "answer"}')
+    split: str = doc("train", "split of a hub dataset or a datasets folder")
+    subset: str = doc("", "subset (configuration) of a hub dataset")
+    roles: dict = doc({}, "map other role names onto system/user/assistant")
+    overlong: str = choice("truncate", "error", "drop", "truncate",
+                           doc="completions over kto.max_len or kto.max_prompt_len (always counted)")
+
+
+@dataclass
+class KTOSection:
+    beta: float = doc(0.1, "strength of the KL regularization towards the reference")
+    loss_type: str = choice("kto", *KTO_LOSS_TYPES, doc="kto: against the batch KL estimate; apo_zero_unpaired: "
+                            "no KL term")
+    desirable_weight: float = doc(1.0, "weight of the desirable completions' losses")
+    undesirable_weight: float = doc(1.0, "weight of the undesirable completions' losses")
+    from_pairs: bool = doc(False, "read preference pairs as chosen = desirable, rejected = undesirable")
+    max_prompt_len: int = doc(512, "prompt tokens kept (the oldest are cut when truncating)")
+    max_len: int = doc(1024, "prompt + completion tokens")
+
+
+@dataclass
+class KTOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: KTODataConfig = field(default_factory=KTODataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/kto"))
+    kto: KTOSection = field(default_factory=KTOSection)
+
+
+@dataclass
+class RewardSection:
+    max_prompt_len: int = doc(512, "prompt tokens kept (the oldest are cut when truncating)")
+    max_len: int = doc(1024, "prompt + response tokens")
+    center_rewards_coefficient: float = doc(0.0, "weight of mean((r_chosen + r_rejected)²), which keeps rewards "
+                                            "centred on 0 (TRL's center_rewards_coefficient); 0: off")
+
+
+@dataclass
+class RewardConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: PrefDataConfig = field(default_factory=PrefDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/reward"))
+    reward: RewardSection = field(default_factory=RewardSection)
+
+
 
 
 @dataclass
@@ -187,7 +244,8 @@ class GRPOSection:
     mask_truncated_completions: bool = doc(False, "completions that hit max_completion_len get no loss")
     num_iterations: int = doc(1, "optimizer steps on each batch of samples (uses their old log-probs)")
     reward_funcs: list = doc(["math_answer"], 'built-in (math_answer, format, digit_ratio) or "file.py:function" / "module:function"')
-    reward_weights: list = doc([], "one weight per reward function (default: all 1)")
+    reward_models: list = doc([], "reward-model run folders (fasttune reward) scoring the completions, after reward_funcs")
+    reward_weights: list = doc([], "one weight per reward function, then per reward model (default: all 1)")
     rollout_weights: str = choice("auto", "auto", "merged", "live",
                                   doc="sample from a merged dense copy of the policy (refreshed each step) or from the "
                                       "live (4-bit) model; auto: merged when the copy fits in half the free memory")
@@ -295,7 +353,8 @@ def _validate(cfg, where):
     positive = [("train", "micro_batch_size"), ("train", "grad_accum"), ("data", "max_seq_len"), ("lora", "r"),
                 ("run", "keep"), ("run", "log_every"), ("dpo", "max_len"), ("dpo", "max_prompt_len"),
                 ("grpo", "num_generations"), ("grpo", "prompts_per_step"), ("grpo", "max_prompt_len"),
-                ("grpo", "max_completion_len"), ("grpo", "num_iterations")]
+                ("grpo", "max_completion_len"), ("grpo", "num_iterations"), ("kto", "max_len"), ("kto", "max_prompt_len"),
+                ("reward", "max_len"), ("reward", "max_prompt_len")]
     for section, key in positive:
         obj = getattr(cfg, section, None)
         if obj is not None and hasattr(obj, key) and getattr(obj, key) < 1:
@@ -303,7 +362,8 @@ def _validate(cfg, where):
     for section, key in [("train", "learning_rate"), ("train", "max_grad_norm"), ("train", "weight_decay"),
                          ("lora", "dropout"), ("train", "warmup_steps"), ("train", "max_steps"), ("dpo", "beta"),
                 ("dpo", "sft_weight"), ("grpo", "beta"), ("grpo", "temperature"), ("grpo", "epsilon_low"),
-                ("grpo", "epsilon_high")]:
+                ("grpo", "epsilon_high"), ("kto", "beta"), ("kto", "desirable_weight"), ("kto", "undesirable_weight"),
+                ("reward", "center_rewards_coefficient")]:
         obj = getattr(cfg, section, None)
         if obj is not None and hasattr(obj, key) and getattr(obj, key) < 0:
             raise ConfigError(f"{where(section, key)} must be >= 0, got {getattr(obj, key)}")
@@ -376,7 +436,7 @@ def reference_markdown(schema=SFTConfig, sections=None) -> str:
     for section in dataclasses.fields(schema):
         if sections is not None and section.name not in sections:
             continue
-        cls = section.default_factory
+        cls = _sections(schema)[section.name]
         out += [f"**[{section.name}]**", "", "| key | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
@@ -388,24 +448,27 @@ def reference_markdown(schema=SFTConfig, sections=None) -> str:
     return "\n".join(out)
 
 
-def dpo_reference_markdown() -> str:
-    return reference_markdown(DPOConfig, sections=("data", "dpo"))
-
-
-def grpo_reference_markdown() -> str:
-    return reference_markdown(GRPOConfig, sections=("data", "grpo"))
-
-
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
 
 def reference_document() -> str:
-    """Everything docs/configuration.md holds between its markers."""
-    return "\n".join([reference_markdown(), dpo_reference_markdown(), grpo_reference_markdown()])
+    """Everything docs/configuration.md holds between its markers: the sections every command shares
+    (as `fasttune sft` has them), then each other command's own sections (fasttune/tasks.py)."""
+    from .tasks import TASKS
+
+    parts = ["### Every command: [model], [lora], [train], [run]; and `fasttune sft`'s [data]\n\n" + reference_markdown()]
+    for name, spec in TASKS.items():
+        schema = spec.load("schema")
+        own = [f.name for f in dataclasses.fields(schema) if _sections(schema)[f.name] is not _sections(SFTConfig).get(f.name)]
+        if own:
+            parts.append(f"### `fasttune {name}`: " + ", ".join(f"[{s}]" for s in own) + "\n\n" + reference_markdown(schema, own))
+    return "\n".join(parts)
 
 
 if __name__ == "__main__":  # python -m fasttune.config [--write]: print the reference, or rewrite docs/configuration.md
     import sys
+
+    from fasttune.config import REFERENCE, reference_document  # the module, not this __main__ copy of it
 
     if "--write" in sys.argv:
         text = REFERENCE.read_text()

@@ -57,7 +57,7 @@ def evaluate(cfg, adapter=None, log=print) -> dict:
         log(f"data.eval is not set: evaluating on data.train ({cfg.data.train})")
     ck, what = _target(cfg, adapter)
     tok = load_tokenizer(cfg.model)
-    model = model_for(cfg, ck, dev, base=ck is None)
+    model = for_config(cfg).load("inference_model")(cfg, ck, dev, base=ck is None)
     log(f"evaluating {what} on {getattr(cfg.data, split)}")
     with torch.no_grad():
         out = for_config(cfg).load("metrics")(cfg, tok, model, dev, split, log)

@@ -61,11 +61,17 @@ class GRPOTask:
         if cfg.model.finetune == "full" and g.beta > 0:
             raise ConfigError("grpo.beta > 0 needs an adapter to switch off for the reference; use finetune = \"lora\"")
         self.funcs = [(spec, load_reward(spec)) for spec in g.reward_funcs]
+        if g.reward_models:  # trained reward models score after the functions, on this process's device
+            from .models import device
+            from .reward import RewardModel
+
+            self.funcs += [(f"model:{p}", RewardModel(p, dist.device if dist else device())) for p in g.reward_models]
         if not self.funcs:
-            raise ConfigError("grpo.reward_funcs is empty: name at least one reward function")
+            raise ConfigError("grpo.reward_funcs and grpo.reward_models are empty: name at least one reward")
         self.weights = list(g.reward_weights) or [1.0] * len(self.funcs)
         if len(self.weights) != len(self.funcs):
-            raise ConfigError(f"grpo.reward_weights has {len(self.weights)} values for {len(self.funcs)} reward functions")
+            raise ConfigError(f"grpo.reward_weights has {len(self.weights)} values for {len(self.funcs)} rewards "
+                              "(grpo.reward_funcs, then grpo.reward_models)")
         self.prompts = self._load_prompts(cfg.data.train, log)
         log(f"{cfg.data.train}: {len(self.prompts)} prompts; {g.num_generations} completions each, "
             f"{g.prompts_per_step} prompts per micro-batch; rewards: " +

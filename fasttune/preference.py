@@ -32,6 +32,7 @@ class PairExample:
     chosen: Example
     rejected: Example
     where: str
+    margin: float | None = None  # the record's optional "margin" column (reward models)
 
 
 @dataclass
@@ -139,6 +140,9 @@ def _fit(ids, labels, max_prompt_len, max_len):
 def load_pairs(path, tokenizer, data_cfg, dpo_cfg) -> tuple[list[PairExample], PairReport]:
     records = read_data(path, data_cfg)
     fmt = data_cfg.format if data_cfg.format != "auto" else detect(records[0][1])
+    if fmt is None and "completion" in records[0][1] and "label" in records[0][1]:
+        raise DataError(f"{path}: unpaired completions (prompt/completion/label) given to a command that trains on "
+                        "pairs; train them with `fasttune kto`, or give prompt/chosen/rejected pairs")
     if fmt is None:
         raise DataError(f"{records[0][0]}: not a preference record (keys: {sorted(records[0][1])}); expected "
                         "prompt/chosen/rejected, ShareGPT conversations with labeled candidates, or "
@@ -148,6 +152,9 @@ def load_pairs(path, tokenizer, data_cfg, dpo_cfg) -> tuple[list[PairExample], P
     for where, rec in records:
         if detect(rec) != fmt:
             raise DataError(f"{where}: this record is not in {fmt} format (keys: {sorted(rec)})")
+        margin = rec.get("margin")
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+            raise DataError(f"{where}: 'margin' must be a number, got {margin!r}")
         for pair in record_pairs(rec, fmt, where, data_cfg.roles):
             try:
                 sides = [tokenize_conversation(tokenizer, pair.prompt + response, train_from=len(pair.prompt),
@@ -170,7 +177,8 @@ def load_pairs(path, tokenizer, data_cfg, dpo_cfg) -> tuple[list[PairExample], P
                 report.fully_masked.append(pair.where)
                 continue
             report.lengths += [len(ids) for ids, _ in sides]
-            out.append(PairExample(Example(*sides[0], pair.where), Example(*sides[1], pair.where), pair.where))
+            out.append(PairExample(Example(*sides[0], pair.where), Example(*sides[1], pair.where), pair.where,
+                                   None if margin is None else float(margin)))
     report.pairs = len(out)
     if not out:
         raise DataError(f"{path}: no usable pair ({len(report.fully_masked)} with an empty side, {report.dropped} "

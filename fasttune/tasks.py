@@ -62,6 +62,8 @@ class TaskSpec:
     help: str  # the CLI's one line
     check: str  # fn(cfg, tok): validate the config and data, print what a run would train on, train nothing
     metrics: str  # fn(cfg, tok, model, dev, split, log) -> dict: `fasttune eval`'s held-out metrics
+    model: str = "fasttune.models:load_model"  # fn(cfg, dev) -> the model to train
+    inference_model: str = "fasttune.infer:model_for"  # fn(cfg, checkpoint, dev, base=...) -> the model to evaluate
 
     def load(self, field: str):
         module, _, attr = getattr(self, field).partition(":")
@@ -77,6 +79,13 @@ TASKS: dict[str, TaskSpec] = {
     "grpo": TaskSpec("fasttune.config:GRPOConfig", "fasttune.grpo:GRPOTask", "grpo",
                      "online RL (GRPO) with reward functions, from a config with a [grpo] section",
                      "fasttune.checks:check_grpo", "fasttune.evaluation:grpo_metrics"),
+    "kto": TaskSpec("fasttune.config:KTOConfig", "fasttune.kto:KTOTask", "kto",
+                    "KTO on completions labelled desirable or not, from a config with a [kto] section",
+                    "fasttune.kto:check", "fasttune.kto:metrics"),
+    "reward": TaskSpec("fasttune.config:RewardConfig", "fasttune.reward:RewardTask", "reward",
+                       "train a reward model (LoRA + a scalar head) on preference pairs, from a config with a [reward] section",
+                       "fasttune.reward:check", "fasttune.reward:metrics",
+                       model="fasttune.reward:load_reward_model", inference_model="fasttune.reward:model_for_eval"),
 }
 
 

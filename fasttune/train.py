@@ -23,6 +23,7 @@ from .batches import epoch_plan, make_batch
 from .config import ConfigError, resolved_toml
 from .data import load_sft, packing_efficiency
 from .models import compute_dtype, load_model, load_tokenizer
+from .tasks import for_config
 
 
 class TrainingError(RuntimeError):
@@ -269,7 +270,7 @@ def _train(cfg, task_cls, log, dist) -> dict:
 
     tok = load_tokenizer(cfg.model)
     task = task_cls(cfg, tok, log, dist)  # every rank reads and plans the same data
-    model = load_model(cfg, dev)
+    model = for_config(cfg).load("model")(cfg, dev)  # the task's own loader (a reward model adds its head)
     task.setup(model, dev, run_dir, dist)
     params = [p for p in model.parameters() if p.requires_grad]
     log(f"model {cfg.model.path}: {sum(p.numel() for p in params):,} trainable parameters "

@@ -13,6 +13,7 @@ from .attention import varlen_attention
 from .cross_entropy import CEStats, cross_entropy, fused_linear_cross_entropy
 from .dpo import DPOStats, dpo_loss
 from .grpo import GRPOStats, grpo_loss
+from .kto import KTOStats, kto_loss
 from .logprobs import linear_logprobs
 
 
@@ -38,6 +39,7 @@ def applied(model, **kwargs):
 
 __all__ = [
     "apply", "applied", "revert",
-    "CEStats", "DPOStats", "GRPOStats",
-    "cross_entropy", "dpo_loss", "fused_linear_cross_entropy", "grpo_loss", "linear_logprobs", "varlen_attention",
+    "CEStats", "DPOStats", "GRPOStats", "KTOStats",
+    "cross_entropy", "dpo_loss", "fused_linear_cross_entropy", "grpo_loss", "kto_loss", "linear_logprobs",
+    "varlen_attention",
 ]

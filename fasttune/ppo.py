@@ -132,7 +132,7 @@ class PPOTask(GRPOTask):
         if CRITIC not in model.peft_config:
             emb = lm.get_input_embeddings().weight
             lm.v_head = torch.nn.Linear(lm.config.hidden_size, 1, bias=False, device=emb.device)
-            torch.nn.init.normal_(lm.v_head.weight, std=getattr(lm.config, "initializer_range", 0.02))
+            torch.nn.init.zeros_(lm.v_head.weight)  # values start at 0: early advantages are the rewards to go
             lora = self.cfg.lora
             model.add_adapter(CRITIC, LoraConfig(
                 r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,

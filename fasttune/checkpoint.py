@@ -328,6 +328,9 @@ def load(path, model, optimizer, scheduler, fp, dist=None) -> dict:
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, load_file(adapter))
+        for name in getattr(model, "peft_config", {}):  # other adapters (PPO's critic): PEFT saves them in a folder each
+            if name != "default" and (Path(path) / name / "adapter_model.safetensors").is_file():
+                set_peft_model_state_dict(model, load_file(Path(path) / name / "adapter_model.safetensors"), adapter_name=name)
     else:
         weights = {}
         for f in sorted(Path(path).glob("*.safetensors")):

@@ -279,6 +279,40 @@ class GRPOConfig:
     grpo: GRPOSection = field(default_factory=GRPOSection)
 
 
+@dataclass
+class PPOSection:
+    num_generations: int = doc(1, "completions sampled for each prompt")
+    prompts_per_step: int = doc(4, "prompts per micro-batch; a micro-batch holds prompts_per_step × num_generations")
+    max_prompt_len: int = doc(256, "prompt tokens kept (the oldest are cut)")
+    max_completion_len: int = doc(64, "new tokens per completion at most")
+    temperature: float = doc(0.7, "sampling temperature (the loss uses the same)")
+    top_p: float = doc(1.0, "nucleus sampling")
+    kl_coef: float = doc(0.05, "β: the per-token reward is -β·KL_t, plus the sequence reward at the last token")
+    kl_estimator: str = choice("k1", "k1", "k3", doc="k1: log π - log π_ref; k3: (r - 1) - log r with r = π_ref / π")
+    gamma: float = doc(1.0, "discount of GAE")
+    lam: float = doc(0.95, "λ of GAE")
+    cliprange: float = doc(0.2, "the policy ratio is clipped to [1 - cliprange, 1 + cliprange]")
+    cliprange_value: float = doc(0.2, "the value prediction is clipped to within this of the rollout's value")
+    vf_coef: float = doc(0.1, "weight of the value loss beside the policy loss")
+    whiten_rewards: bool = doc(False, "scale the per-token rewards by their std over the batch before GAE")
+    ppo_epochs: int = doc(4, "optimizer steps on each batch of rollouts (uses their old log-probs and values)")
+    reward_funcs: list = doc([], 'reward functions: built-in (math_answer, format, digit_ratio) or "file.py:function"')
+    reward_models: list = doc([], "reward-model run folders (fasttune reward) scoring the completions, after reward_funcs")
+    reward_weights: list = doc([], "one weight per reward function, then per reward model (default: all 1)")
+    rollout_weights: str = choice("auto", "auto", "merged", "live", doc="as grpo.rollout_weights")
+    generation: str = choice("auto", "auto", "dynamic", "static", "continuous", doc="as grpo.generation")
+
+
+@dataclass
+class PPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/ppo"))
+    ppo: PPOSection = field(default_factory=PPOSection)
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -369,7 +403,8 @@ def _validate(cfg, where):
                 ("run", "keep"), ("run", "log_every"), ("dpo", "max_len"), ("dpo", "max_prompt_len"),
                 ("grpo", "num_generations"), ("grpo", "prompts_per_step"), ("grpo", "max_prompt_len"),
                 ("grpo", "max_completion_len"), ("grpo", "num_iterations"), ("kto", "max_len"), ("kto", "max_prompt_len"),
-                ("reward", "max_len"), ("reward", "max_prompt_len")]
+                ("reward", "max_len"), ("reward", "max_prompt_len"), ("ppo", "num_generations"), ("ppo", "prompts_per_step"),
+                ("ppo", "max_prompt_len"), ("ppo", "max_completion_len"), ("ppo", "ppo_epochs")]
     for section, key in positive:
         obj = getattr(cfg, section, None)
         if obj is not None and hasattr(obj, key) and getattr(obj, key) < 1:
@@ -379,7 +414,8 @@ def _validate(cfg, where):
                          ("run", "save_every_minutes"),
                 ("dpo", "sft_weight"), ("dpo", "cpo_alpha"), ("grpo", "beta"), ("grpo", "temperature"), ("grpo", "epsilon_low"),
                 ("grpo", "epsilon_high"), ("kto", "beta"), ("kto", "desirable_weight"), ("kto", "undesirable_weight"),
-                ("reward", "center_rewards_coefficient")]:
+                ("reward", "center_rewards_coefficient"), ("ppo", "kl_coef"), ("ppo", "temperature"), ("ppo", "gamma"),
+                ("ppo", "lam"), ("ppo", "cliprange"), ("ppo", "cliprange_value"), ("ppo", "vf_coef")]:
         obj = getattr(cfg, section, None)
         if obj is not None and hasattr(obj, key) and getattr(obj, key) < 0:
             raise ConfigError(f"{where(section, key)} must be >= 0, got {getattr(obj, key)}")

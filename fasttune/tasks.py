@@ -86,6 +86,9 @@ TASKS: dict[str, TaskSpec] = {
                        "train a reward model (LoRA + a scalar head) on preference pairs, from a config with a [reward] section",
                        "fasttune.reward:check", "fasttune.reward:metrics",
                        model="fasttune.reward:load_reward_model", inference_model="fasttune.reward:model_for_eval"),
+    "ppo": TaskSpec("fasttune.config:PPOConfig", "fasttune.ppo:PPOTask", "ppo",
+                    "RLHF with PPO: a critic, GAE and clipped losses, against reward functions or reward models",
+                    "fasttune.ppo:check", "fasttune.ppo:metrics"),
 }
 
 

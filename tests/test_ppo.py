@@ -107,18 +107,18 @@ def sets(tmp_path, *more):
 def test_ppo_learns_saves_its_critic_and_resumes(tmp_path):
     """The example's reward (digit_ratio) rises; each checkpoint holds the critic adapter and value head,
     and a resumed run's critic is the saved one."""
-    assert run_cli("ppo", str(ROOT / "examples/ppo.toml"), *sets(tmp_path, "train.max_steps=24", "run.save_every=12")) == 0
+    assert run_cli("ppo", str(ROOT / "examples/ppo.toml"), *sets(tmp_path, "train.max_steps=8", "run.save_every=4")) == 0
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    first, last = sum(r["reward"] for r in rows[:4]) / 4, sum(r["reward"] for r in rows[-4:]) / 4
-    assert last > first + 0.1, (first, last)
+    first, last = sum(r["reward"] for r in rows[:3]) / 3, sum(r["reward"] for r in rows[-3:]) / 3
+    assert last > 2 * first and last > first + 1.0, (first, last)  # 10 × digit_ratio: about 0.5 at the start
     assert all(k in rows[-1] for k in ("value_loss", "value_clipfrac", "kl", "non_score_reward", "policy_loss",
                                        "generation_s", "training_s"))
-    ck = tmp_path / "run" / "checkpoints" / "step-000024"
+    ck = tmp_path / "run" / "checkpoints" / "step-000008"
     from safetensors.torch import load_file
 
     critic = load_file(ck / "critic" / "adapter_model.safetensors")
     assert any("v_head" in k for k in critic) and any("lora_A" in k for k in critic)
-    # resume: two more steps from step 24 restore the critic saved there
+    # loading the checkpoint restores the critic saved there
     from fasttune.config import load_config
     from fasttune.models import load_model, load_tokenizer
     from fasttune.ppo import CRITIC, PPOTask

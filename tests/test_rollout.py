@@ -164,9 +164,9 @@ from fasttune.config import GRPOConfig, load_config
 from fasttune.grpo import GRPOTask
 from fasttune.models import load_model, load_tokenizer
 
-# a model whose merged copy (dequantized base + merged weight, fp32) takes 512 MiB; its 4-bit base 32 MiB
+# a model whose merged copy (dequantized base + merged weight, fp32) takes 256 MiB; its 4-bit base 16 MiB
 folder = sys.argv[1]
-cfg = transformers.LlamaConfig(vocab_size=260, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+cfg = transformers.LlamaConfig(vocab_size=260, hidden_size=1024, intermediate_size=4096, num_hidden_layers=2,
                                num_attention_heads=8, num_key_value_heads=8, pad_token_id=0, eos_token_id=3)
 transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
 from fasttune.builtin import byte_tokenizer
@@ -198,8 +198,8 @@ task.rollouts.weights = "merged"
 def vm():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
 
-# the cap: 200 MiB over what the process maps now; sampling and training from the 4-bit model need less
-resource.setrlimit(resource.RLIMIT_AS, (vm() + 200 * 2**20, resource.RLIM_INFINITY))
+# the cap: 160 MiB over what the process maps now; sampling and training from the 4-bit model need less
+resource.setrlimit(resource.RLIMIT_AS, (vm() + 160 * 2**20, resource.RLIM_INFINITY))
 steps = 0
 for i in range(3):  # three optimizer steps, each on a fresh rollout
     batch = step(task.prompts[2 * i + 2 : 2 * i + 4])

@@ -130,7 +130,7 @@ def test_ppo_learns_saves_its_critic_and_resumes(tmp_path):
     from fasttune import checkpoint
     from peft import get_peft_model_state_dict
 
-    before = get_peft_model_state_dict(model, adapter_name=CRITIC)
+    before = {k: v.clone() for k, v in get_peft_model_state_dict(model, adapter_name=CRITIC).items()}
     opt = torch.optim.AdamW(task.trainable)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     checkpoint.load(ck, model, opt, sched, checkpoint.fingerprint(cfg))

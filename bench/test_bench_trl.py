@@ -54,7 +54,7 @@ def test_beside_trl(recorder, prepared, tmp_path, task, capsys):
     with capsys.disabled():
         print(f"\n{task}: fasttune vs TRL: {goals}")
     # Bounds with margin on 2 shared cores (measured ratios: docs/trl-comparison.md). Memory (SFT 0.66
-    # after the memory fix, DPO 0.82 before it): peak RSS under 0.9 x TRL's; GRPO's are about equal
+    # after the memory fix, DPO 0.88 before it, ~0.7 expected after): under 0.9 x TRL's; GRPO's are about equal
     # (loading dominates), so none is asserted. Speed: CPU seconds per step (robust to other processes'
     # load, unlike wall time) at most 2 x TRL's. The goals themselves are reported, not asserted.
     if task != "grpo":

@@ -112,9 +112,14 @@ def _write_manifest(folder: Path):
     files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p, sync=True)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
     with open(folder / MANIFEST, "w") as f:
-        json.dump({"fasttune_checkpoint": 1, "files": files}, f, indent=1)
+        json.dump({"fasttune_checkpoint": 1, "files": files, "files_sha256": _digest_of(files)}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _digest_of(files: dict) -> str:
+    """The manifest's checksum of its own file list, so a damaged manifest is told from a damaged file."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def _fsync_dir(path):
@@ -134,10 +139,12 @@ def problem(folder) -> str | None:
     if not mf.is_file():
         return None if (folder / STATE).is_file() else f"{folder}: not a complete checkpoint (no {MANIFEST}, no {STATE})"
     try:
-        files = json.loads(mf.read_text())["files"]
-        files = {str(k): (int(v["bytes"]), str(v["sha256"])) for k, v in files.items()}
+        manifest = json.loads(mf.read_text())
+        files = {str(k): (int(v["bytes"]), str(v["sha256"])) for k, v in manifest["files"].items()}
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         return f"{mf}: the manifest is damaged ({type(e).__name__}: {str(e)[:80] or 'empty'})"
+    if "files_sha256" in manifest and manifest["files_sha256"] != _digest_of(manifest["files"]):
+        return f"{mf}: the manifest is damaged (its file list does not match its own checksum)"
     if STATE not in files:
         return f"{mf}: the manifest does not list {STATE}"
     for name, (size, digest) in files.items():

@@ -18,7 +18,6 @@ policy's nor the reference's.
 import contextlib
 import hashlib
 import json
-import random
 from pathlib import Path
 
 import torch
@@ -50,14 +49,9 @@ class DPOTask:
         self.pairs, report = load_pairs(cfg.data.train, tok, cfg.data, self.d)
         log(report.summary())
         self.eval_pairs = load_pairs(cfg.data.eval, tok, cfg.data, self.d)[0] if cfg.data.eval else None
-        t = cfg.train
-        from .train import Stream
+        from .train import Stream, shuffled_groups
 
-        def plan(epoch):
-            order = list(range(len(self.pairs)))
-            random.Random(f"{t.seed}-{epoch}").shuffle(order)
-            return [order[i : i + t.micro_batch_size] for i in range(0, len(order), t.micro_batch_size)]
-
+        plan = shuffled_groups(len(self.pairs), cfg.train.micro_batch_size, cfg.train.seed)
         self.stream = Stream(plan, lambda g: self.batch(self.pairs, g))
         self.ref = {}  # precomputed: split -> [n_pairs, 2] (chosen, rejected)
 

@@ -11,7 +11,6 @@
 """
 
 import contextlib
-import random
 
 import torch
 
@@ -45,14 +44,9 @@ class KTOTask:
         self.items, report = load_unpaired(cfg.data.train, tok, cfg.data, self.k)
         log(report.summary())
         self.eval_items = load_unpaired(cfg.data.eval, tok, cfg.data, self.k)[0] if cfg.data.eval else None
-        t = cfg.train
-        from .train import Stream
+        from .train import Stream, shuffled_groups
 
-        def plan(epoch):
-            order = list(range(len(self.items)))
-            random.Random(f"{t.seed}-{epoch}").shuffle(order)
-            return [order[i : i + t.micro_batch_size] for i in range(0, len(order), t.micro_batch_size)]
-
+        plan = shuffled_groups(len(self.items), cfg.train.micro_batch_size, cfg.train.seed)
         self.stream = Stream(plan, lambda g: self.batch(self.items, g))
 
     def batch(self, items, group):

@@ -15,7 +15,6 @@
 """
 
 import contextlib
-import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -96,14 +95,9 @@ class RewardTask:
         self.pairs, report = load_pairs(cfg.data.train, tok, cfg.data, self.r)
         log(report.summary())
         self.eval_pairs = load_pairs(cfg.data.eval, tok, cfg.data, self.r)[0] if cfg.data.eval else None
-        t = cfg.train
-        from .train import Stream
+        from .train import Stream, shuffled_groups
 
-        def plan(epoch):
-            order = list(range(len(self.pairs)))
-            random.Random(f"{t.seed}-{epoch}").shuffle(order)
-            return [order[i : i + t.micro_batch_size] for i in range(0, len(order), t.micro_batch_size)]
-
+        plan = shuffled_groups(len(self.pairs), cfg.train.micro_batch_size, cfg.train.seed)
         self.stream = Stream(plan, lambda g: self.batch(self.pairs, g))
 
     def setup(self, model, dev, run_dir=None, dist=None):

@@ -69,6 +69,17 @@ def peak_memory_mb(dev) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def shuffled_groups(n, size, seed):
+    """A Stream plan: each epoch, the indices 0..n-1 shuffled by (seed, epoch), in groups of `size`."""
+
+    def plan(epoch):
+        order = list(range(n))
+        random.Random(f"{seed}-{epoch}").shuffle(order)
+        return [order[i : i + size] for i in range(0, n, size)]
+
+    return plan
+
+
 class Stream:
     """Endless micro-batches over the epochs, with a position that checkpoints can restore.
 

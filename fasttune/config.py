@@ -39,6 +39,8 @@ class ModelConfig:
     load_in_4bit: bool = doc(True, "QLoRA: the frozen base in bitsandbytes 4-bit")
     bnb_4bit_quant_type: str = choice("nf4", "nf4", "fp4")
     bnb_4bit_use_double_quant: bool = doc(True, "quantize the quantization constants too")
+    cache_4bit: bool = doc(True, "QLoRA: save the quantized base of a local folder once ($FASTTUNE_CACHE/4bit) "
+                           "and load that copy in later runs")
     compute_dtype: str = choice("auto", "auto", "bf16", "fp16", "fp32", doc="auto: bf16 where supported, else fp32")
     chat_template: str = doc("", "a Jinja chat template (inline, or a path to a file) replacing the tokenizer's")
     trust_remote_code: bool = doc(False, "run the model folder's own Python code (models not in transformers)")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import builtin
+from . import builtin, quantized_cache
 from .config import ConfigError
 
 
@@ -106,11 +106,21 @@ def load_model(cfg, dev=None, *, trainable=True, lora=True, quiet=False):
             bnb_4bit_use_double_quant=m.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
-    try:
-        model = _remote(lambda: transformers.AutoModelForCausalLM.from_pretrained(
-            path, trust_remote_code=m.trust_remote_code, **kwargs), m, "model")
-    except OSError as e:
-        raise ConfigError(f"model.path = {m.path!r} could not be loaded: {e}") from None
+
+    def load_from(folder, quantize=True):
+        kw = kwargs if quantize else {k: v for k, v in kwargs.items() if k != "quantization_config"}
+        try:
+            return _remote(lambda: transformers.AutoModelForCausalLM.from_pretrained(
+                folder, trust_remote_code=m.trust_remote_code, **kw), m, "model")
+        except OSError as e:
+            raise ConfigError(f"model.path = {m.path!r} could not be loaded: {e}") from None
+
+    if quantized and m.cache_4bit and not m.trust_remote_code:
+        settings = {"quant_type": m.bnb_4bit_quant_type, "double_quant": m.bnb_4bit_use_double_quant,
+                    "dtype": str(dtype)}
+        model = quantized_cache.load(path, settings, load_from)
+    else:
+        model = load_from(path)
     if not quantized:
         model.to(dev)
     elif dev.type == "cpu":

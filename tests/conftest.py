@@ -3,11 +3,14 @@
 TRITON_INTERPRET must be set before triton is imported, so this happens before any import of
 torch, triton or fasttune. FASTTUNE_NAN_FILL makes kernels' output buffers start as NaN so
 that a row a kernel never writes fails the comparison instead of passing on stale memory.
+FASTTUNE_4BIT_CACHE keeps the 4-bit copies of the suite's models in a folder of the session.
 """
 
+import atexit
 import os
 import shutil
 import subprocess
+import tempfile
 
 
 def _has_cuda() -> bool:
@@ -22,6 +25,11 @@ def _has_cuda() -> bool:
 if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("FASTTUNE_NAN_FILL", "1")
+# QLoRA loads save a 4-bit copy of their model folder (fasttune/quantized_cache.py); the suite's
+# many throwaway models keep theirs in a folder of this session, gone at its end.
+_4BIT = tempfile.mkdtemp(prefix="fasttune-4bit-")
+atexit.register(shutil.rmtree, _4BIT, True)
+os.environ.setdefault("FASTTUNE_4BIT_CACHE", _4BIT)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -4,10 +4,11 @@
   token goes through 4-bit matmuls plus the unmerged LoRA branch. "merged" samples from a dense twin:
   the same architecture in the compute dtype, whose adapted linear layers hold
       W = W_base + scale · B @ A,
-  W_base being the 4-bit base dequantized once and kept (the base is frozen). Before each rollout the
+  W_base being the frozen base: for QLoRA dequantized again from the 4 bits at each refresh (a few
+  ms a layer; keeping a dense W_base beside W would double the twin's memory). Before each rollout the
   twin is refreshed, in place, and only where the adapter changed since the last refresh (the
   optimizer's in-place update bumps a tensor's version counter; so does loading a checkpoint): one
-  copy and one add-matmul per layer, never a reload. Everything else (embeddings, norms, the head,
+  dequantization (or copy) and one add-matmul per layer, never a reload. Everything else (embeddings, norms, the head,
   rotary buffers) is shared with the training model, not copied. "auto" takes "merged" when the
   twin's new memory (logged) fits in half of the free memory, leaving the rest to training, else "live".
 - An out-of-memory while building, refreshing or sampling from the twin drops it, says so once, and
@@ -91,7 +92,8 @@ def _check_lora(name, layer):
 
 def copy_bytes(model, dtype, *, refreshable=True) -> int:
     """New bytes a twin of `model` takes: each 4-bit layer dequantized, each adapted layer's merged
-    weight, and (refreshable) the dequantized base kept beside it. Shared tensors cost nothing."""
+    weight, and (refreshable, 16-bit base in another dtype) the converted base kept beside it. Shared
+    tensors cost nothing."""
     lm = _causal_lm(model)
     lora = _lora_layers(lm)
     inside = {f"{n}.base_layer" for n in lora}
@@ -101,7 +103,7 @@ def copy_bytes(model, dtype, *, refreshable=True) -> int:
         if name in lora:
             w = m.base_layer.weight
             numel = m.base_layer.out_features * m.base_layer.in_features
-            n += numel * (2 if _is_4bit(w) and refreshable else 1)
+            n += numel * (2 if refreshable and not _is_4bit(w) and w.dtype != dtype else 1)
         elif name not in inside and isinstance(m, nn.Linear) and _is_4bit(m.weight):
             n += m.out_features * m.in_features
     return n * size
@@ -170,15 +172,16 @@ class MergedCopy:
 
     def _adapted(self, tmod, live, refreshable):
         base = live.base_layer
-        kept = _dense(base.weight, self.dtype)  # dequantized once (a new tensor) or the live weight itself
-        fresh = kept.data_ptr() != base.weight.data.data_ptr()
-        if refreshable:
-            merged = torch.empty_like(kept)
-            self.bytes += merged.nbytes + (kept.nbytes if fresh else 0)
-        else:  # merged into the dequantized tensor itself, or into a copy of the live weight
-            merged = kept if fresh else kept.clone()
-            self.bytes += merged.nbytes
-            kept = None
+        dense = _dense(base.weight, self.dtype)  # dequantized (a new tensor) or the live weight itself
+        fresh = dense.data_ptr() != base.weight.data.data_ptr()
+        if not refreshable:  # merged into the dequantized tensor itself, or into a copy of the live weight
+            merged, kept = (dense if fresh else dense.clone()), None
+        elif _is_4bit(base.weight):  # the 4-bit weight is kept, dequantized again at each refresh
+            merged, kept = dense, base.weight
+        else:  # the live 16-bit weight, or a copy of it in the twin's dtype
+            merged, kept = torch.empty_like(dense), dense
+            self.bytes += dense.nbytes if fresh else 0
+        self.bytes += merged.nbytes
         tmod._parameters["weight"] = nn.Parameter(merged, requires_grad=False)
         if base.bias is not None:
             tmod._parameters["bias"] = nn.Parameter(base.bias.data, requires_grad=False)
@@ -199,9 +202,9 @@ class MergedCopy:
                 continue
             if e["base"] is None and e["seen"] is not None:
                 raise RuntimeError("a copy merged once for inference cannot follow a changing adapter")
-            W = e["merged"]
-            if e["base"] is not None:
-                W.copy_(e["base"])
+            W, base = e["merged"], e["base"]
+            if base is not None:
+                W.copy_(_dense(base, W.dtype) if _is_4bit(base) else base)
             if not lora.disable_adapters:
                 for a in lora.active_adapters:
                     if a in lora.lora_A:

@@ -11,6 +11,10 @@ The same for both sides of each task:
             first step of both sees the same examples (each later step sees them again);
   training  learning rate, constant schedule, no warm-up, no weight decay, grad-norm clip 1, AdamW,
             gradient checkpointing on, the same number of steps, the same batch.
+  loading   each side as its users run it: TRL quantizes the fp32 folder on every load; fasttune
+            quantizes it on its first load and saves a 4-bit copy that later runs read (as unsloth's
+            pre-quantized checkpoints). That first load runs in a process of its own before fasttune's
+            timed run and is reported beside it (`first_load`: seconds, peak memory, the copy's size).
 Per task:
   sft   fasttune packs the examples into one row (varlen attention, fused loss); TRL's SFTTrainer gets
         the very token ids and labels fasttune trains (an `input_ids` + `labels` dataset), padded: the
@@ -388,7 +392,9 @@ def trl_grpo(workdir, liger):
 def run_one(provider: str, task: str, workdir: Path) -> dict:
     """One run in this process; the numbers as a dict (also written to workdir/result.json)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    if provider == "fasttune":
+    if provider == "fasttune_first_load":
+        out = first_load(task, workdir)
+    elif provider == "fasttune":
         out = run_fasttune(task, workdir)
     else:
         import torch
@@ -408,12 +414,27 @@ def measure(provider: str, task: str, workdir: Path, timeout=1800):
     """Run `provider` on `task` in a fresh process; (Result-like dict of numbers) or raises with its log."""
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    load = os.getloadavg()[0]
     res = subprocess.run([sys.executable, str(Path(__file__).resolve()), "run", provider, task, str(workdir)],
                          capture_output=True, text=True, env=env, timeout=timeout)
     if res.returncode != 0:
         raise RuntimeError(f"{provider} {task} failed (exit {res.returncode}):\n{res.stdout[-1500:]}\n{res.stderr[-4000:]}")
-    return json.loads((workdir / "result.json").read_text())
+    # the load average around the run: steps measured beside other work are slower, and not comparable
+    return {**json.loads((workdir / "result.json").read_text()), "loadavg": [round(load, 2), round(os.getloadavg()[0], 2)]}
+
+
+def first_load(task: str, workdir: Path) -> dict:
+    """fasttune's first QLoRA load of the model, in this process: it quantizes the fp32 folder and saves the
+    4-bit copy (fasttune/quantized_cache.py) that every later run, the timed ones included, loads instead."""
+    from fasttune import quantized_cache
+    from fasttune.models import load_model
+
+    cfg = _fasttune_cfg(task, workdir)
+    t = time.perf_counter()
+    load_model(cfg, quiet=True)
+    return {"load_s": round(time.perf_counter() - t, 3), "peak_bytes": peak_bytes(),
+            "copy_bytes": sum(f.stat().st_size for f in quantized_cache.cache_root().glob("*/*") if f.is_file())}
 
 
 def to_result(provider, task, m):
@@ -433,7 +454,8 @@ def to_result(provider, task, m):
     res.extra = {"trained_tokens_per_s": trained / med, "tokens_per_step": tokens, "first_loss": m["losses"][0],
                  "warmup_losses": m["losses"][:1], "warmup_checks": [m["check"]] if m.get("check") is not None else [],
                  "losses": m["losses"], "step_s": m["step_s"], "cpu_s": m.get("cpu_s"), "gradient_checkpointing": True,
-                 "cpu_s_per_step": statistics.median(m["cpu_s"][i] for i in timed) if m.get("cpu_s") else None}
+                 "cpu_s_per_step": statistics.median(m["cpu_s"][i] for i in timed) if m.get("cpu_s") else None,
+                 "loadavg": m.get("loadavg")}
     if "split" in m:
         res.extra["split"] = {k: round(statistics.median(m["split"][i][k] for i in timed), 3)
                               for k in ("generation_s", "reference_s", "training_s")}
@@ -459,6 +481,7 @@ def compare(task, providers, emit, tmp: Path):
     import torch
 
     results = {}
+    os.environ["FASTTUNE_4BIT_CACHE"] = str(tmp / "4bit")  # fasttune's first load makes its 4-bit copy here
     for p in providers:
         why = None
         if p == "trl_liger" and not torch.cuda.is_available():
@@ -473,7 +496,10 @@ def compare(task, providers, emit, tmp: Path):
             emit(r)
             continue
         try:
+            first = measure("fasttune_first_load", task, tmp / f"{task}-first-load") if p == "fasttune" else None
             r = to_result(p, task, measure(p, task, tmp / f"{task}-{p}"))
+            if first:
+                r.extra["first_load"] = first
         except Exception as e:  # noqa: BLE001 - recorded as the result; the caller decides what fails
             r = Result(f"e2e_trl_{task}", {"model": MODEL, **SIZES[task]}, "", p, env_info()["device"],
                        skipped=f"failed: {str(e)[-1500:]}")
@@ -513,7 +539,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     one = sub.add_parser("run")
-    one.add_argument("provider", choices=["fasttune", "trl", "trl_liger"])
+    one.add_argument("provider", choices=["fasttune", "fasttune_first_load", "trl", "trl_liger"])
     one.add_argument("task", choices=TASKS)
     one.add_argument("workdir", type=Path)
     every = sub.add_parser("all")

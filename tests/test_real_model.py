@@ -327,17 +327,19 @@ def sets_of(cfg):
     return out
 
 
-def test_grpo_mean_reward_rises(gguf, tmp_path):
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_grpo_mean_reward_rises(gguf, tmp_path, advantage):
     """Two-digit additions answered as "Answer: <n>" (math_answer + format): the mean reward of the
-    last 3 steps beats the first 3's, and the second half's the first half's. LoRA on the fp32 base here (sampling
-    from the 4-bit base is several times slower on a CPU; examples/smollm2/grpo.toml is QLoRA)."""
+    last 3 steps beats the first 3's, and the second half's the first half's, with GRPO's group-normalized
+    advantages and with RLOO's leave-one-out baseline. LoRA on the fp32 base here (sampling from the
+    4-bit base is several times slower on a CPU; examples/smollm2/grpo.toml is QLoRA)."""
     from fasttune.grpo import train_grpo
 
     cfg = example("grpo", tmp_path, "train.max_steps=10", "model.load_in_4bit=false", "grpo.max_completion_len=12",
-                  "run.save_every=10", 'data.eval=""')
+                  "run.save_every=10", 'data.eval=""', f'grpo.advantage="{advantage}"')
     assert train_grpo(cfg, log=quiet)["steps"] == 10
     rewards = [json.loads(line)["reward"] for line in open(tmp_path / "run" / "metrics.jsonl")]
-    print("GRPO mean reward per step:", [round(r, 3) for r in rewards])
+    print(f"{advantage} mean reward per step:", [round(r, 3) for r in rewards])
     # the base rarely gets both the sum and the layout within 12 tokens (measured: 0 in each of the first 4
     # steps, 16 completions each); trained, it does more and more often (0.17 over the last 3 steps)
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3

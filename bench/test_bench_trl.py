@@ -37,9 +37,9 @@ def _goals(task, ours, peer):
         mem = ours.peak_bytes / peer.peak_bytes
         out.update(memory_ratio=round(mem, 3), memory_goal=memory, memory_met=mem <= memory)
     # Other processes on the cores slow torch's threads unevenly (5-20 x when 2 threads share 2 busy cores):
-    # ratios measured under load say little, and are marked.
-    load = max(x for r in (ours, peer) for x in (r.extra.get("loadavg") or [0]))
-    out["quiet_machine"] = load < 1.5
+    # ratios measured while other processes kept a quarter of a core or more busy say little, and are marked.
+    out["other_cores"] = max(r.extra.get("other_cores") or 0.0 for r in (ours, peer))
+    out["quiet_machine"] = out["other_cores"] < 0.25
     return out
 
 

@@ -415,13 +415,27 @@ def measure(provider: str, task: str, workdir: Path, timeout=1800):
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    load = os.getloadavg()[0]
+    before = _cpu_seconds()
     res = subprocess.run([sys.executable, str(Path(__file__).resolve()), "run", provider, task, str(workdir)],
                          capture_output=True, text=True, env=env, timeout=timeout)
     if res.returncode != 0:
         raise RuntimeError(f"{provider} {task} failed (exit {res.returncode}):\n{res.stdout[-1500:]}\n{res.stderr[-4000:]}")
-    # the load average around the run: steps measured beside other work are slower, and not comparable
-    return {**json.loads((workdir / "result.json").read_text()), "loadavg": [round(load, 2), round(os.getloadavg()[0], 2)]}
+    # Steps measured beside other work are slower, unevenly (torch's threads wait for each other): the
+    # cores that other processes kept busy during the run, on average, are recorded with it.
+    after = _cpu_seconds()
+    others = ((after[0] - before[0]) - (after[1] - before[1])) / max(after[2] - before[2], 1e-9)
+    return {**json.loads((workdir / "result.json").read_text()), "other_cores": round(max(others, 0.0), 2)}
+
+
+def _cpu_seconds():
+    """(busy CPU seconds of the whole machine, CPU seconds of this process's finished children, wall seconds)."""
+    import resource
+
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return busy, kids.ru_utime + kids.ru_stime, time.monotonic()
 
 
 def first_load(task: str, workdir: Path) -> dict:
@@ -455,7 +469,7 @@ def to_result(provider, task, m):
                  "warmup_losses": m["losses"][:1], "warmup_checks": [m["check"]] if m.get("check") is not None else [],
                  "losses": m["losses"], "step_s": m["step_s"], "cpu_s": m.get("cpu_s"), "gradient_checkpointing": True,
                  "cpu_s_per_step": statistics.median(m["cpu_s"][i] for i in timed) if m.get("cpu_s") else None,
-                 "loadavg": m.get("loadavg")}
+                 "other_cores": m.get("other_cores")}
     if "split" in m:
         res.extra["split"] = {k: round(statistics.median(m["split"][i][k] for i in timed), 3)
                               for k in ("generation_s", "reference_s", "training_s")}

@@ -1,10 +1,15 @@
-"""Micro-batches: which examples go together, and the tensors the model is called with.
+"""Micro-batches: which examples go together, the tensors the model is called with, and the stream of
+them that the training loop draws from.
 
 Packed: the examples of a row are concatenated; position ids restart at each sample, cu_seqlens
 mark the samples for the varlen attention, and the labels are shifted within each sample (its
 last token predicts nothing, so no token learns to predict the next sample). Padded: each
 sequence is padded to the longest in the micro-batch, with an attention mask.
 Labels stay on the host, so the fused loss skips untrained tokens without a device sync.
+
+A `Stream` is every task's endless supply of micro-batches: a plan of index groups per epoch
+(`epoch_plan` for SFT, `shuffled_groups` for pairs and completions) and a function that builds a
+group's batch, with a position (epoch, index) that checkpoints save and restore.
 """
 
 import random
@@ -82,3 +87,47 @@ def epoch_plan(lengths, *, packing, micro_batch_size, seed, epoch) -> list[list[
 
 def make_batch(examples, packing, pad_id) -> Batch:
     return packed_batch(examples) if packing else padded_batch(examples, pad_id)
+
+
+def shuffled_groups(n, size, seed):
+    """A Stream plan: each epoch, the indices 0..n-1 shuffled by (seed, epoch), in groups of `size`."""
+
+    def plan(epoch):
+        order = list(range(n))
+        random.Random(f"{seed}-{epoch}").shuffle(order)
+        return [order[i : i + size] for i in range(0, n, size)]
+
+    return plan
+
+
+class Stream:
+    """Endless micro-batches over the epochs, with a position that checkpoints can restore.
+
+    `plan(epoch)` gives the groups of item indices of one epoch; `build(group)` the batch."""
+
+    def __init__(self, plan, build, position=None):
+        self._plan_fn, self.build = plan, build
+        self.position = dict(position or {"epoch": 0, "index": 0})
+        self._plan_epoch, self._plan = None, None
+
+    def plan(self, epoch):
+        if self._plan_epoch != epoch:
+            self._plan, self._plan_epoch = self._plan_fn(epoch), epoch
+        return self._plan
+
+    def _advance(self):
+        if self.position["index"] >= len(self.plan(self.position["epoch"])):
+            self.position = {"epoch": self.position["epoch"] + 1, "index": 0}
+        group = self.plan(self.position["epoch"])[self.position["index"]]
+        self.position["index"] += 1
+        return group
+
+    def next(self):
+        return self.build(self._advance())
+
+    def step(self, accum, rank=0, world=1):
+        """This rank's micro-batches of the next optimizer step: the step takes `accum × world`
+        micro-batches of the plan, and rank r builds the r-th run of `accum` of them. Every rank
+        keeps the same position."""
+        groups = [self._advance() for _ in range(accum * world)]
+        return [self.build(g) for g in groups[rank * accum : (rank + 1) * accum]]

@@ -68,7 +68,7 @@ def sft_metrics(cfg, tok, model, dev, split, log):
     from .batches import epoch_plan, make_batch
     from .data import IGNORE, load_sft
     from .models import final_hidden
-    from .train import lm_loss
+    from .sft import lm_loss
 
     examples, report = load_sft(getattr(cfg.data, split), tok, cfg.data)
     log(report.summary())

@@ -94,7 +94,7 @@ class GRPOTask:
             blocks = [groups[i : i + per_step] for i in range(0, len(groups), per_step)]
             return [item for block in blocks for _ in range(g.num_iterations) for item in block]
 
-        from .train import Stream
+        from .batches import Stream
 
         self.stream = Stream(plan, self._rollout_for)
         self._cache, self._cache_size = {}, t.grad_accum

@@ -44,7 +44,7 @@ class KTOTask:
         self.items, report = load_unpaired(cfg.data.train, tok, cfg.data, self.k)
         log(report.summary())
         self.eval_items = load_unpaired(cfg.data.eval, tok, cfg.data, self.k)[0] if cfg.data.eval else None
-        from .train import Stream, shuffled_groups
+        from .batches import Stream, shuffled_groups
 
         plan = shuffled_groups(len(self.items), cfg.train.micro_batch_size, cfg.train.seed)
         self.stream = Stream(plan, lambda g: self.batch(self.items, g))

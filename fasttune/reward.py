@@ -95,7 +95,7 @@ class RewardTask:
         self.pairs, report = load_pairs(cfg.data.train, tok, cfg.data, self.r)
         log(report.summary())
         self.eval_pairs = load_pairs(cfg.data.eval, tok, cfg.data, self.r)[0] if cfg.data.eval else None
-        from .train import Stream, shuffled_groups
+        from .batches import Stream, shuffled_groups
 
         plan = shuffled_groups(len(self.pairs), cfg.train.micro_batch_size, cfg.train.seed)
         self.stream = Stream(plan, lambda g: self.batch(self.pairs, g))

@@ -34,7 +34,7 @@ class Task(Protocol):
     # metrics that are seconds per micro-batch spent outside training (sampling, say): the loop reports them
     # per step, and training_s, the step's time without them
     timings: ClassVar[tuple[str, ...]]
-    stream: Any  # train.Stream: endless micro-batches, with a position that checkpoints restore
+    stream: Any  # batches.Stream: endless micro-batches, with a position that checkpoints restore
     # set by the loop before the first step: run(fn, *args) calls fn(model, *args) on the wrapped
     # (DDP/FSDP2) model, for a task that needs the model outside `loss` (GRPO samples with it)
     run: Callable[..., Any] | None
@@ -71,7 +71,7 @@ class TaskSpec:
 
 
 TASKS: dict[str, TaskSpec] = {
-    "sft": TaskSpec("fasttune.config:SFTConfig", "fasttune.train:SFTTask", None,
+    "sft": TaskSpec("fasttune.config:SFTConfig", "fasttune.sft:SFTTask", None,
                     "supervised fine-tuning from a TOML config", "fasttune.checks:check_sft", "fasttune.evaluation:sft_metrics"),
     "dpo": TaskSpec("fasttune.config:DPOConfig", "fasttune.dpo:DPOTask", "dpo",
                     "preference training (DPO) from a TOML config with a [dpo] section",

@@ -168,7 +168,7 @@ def test_demo_learns_and_resumes_exactly(tmp_path):
 def test_start_from_an_sft_adapter(tmp_path):
     """With model.adapter, the reference is that adapter: at the first step policy = reference, rewards 0."""
     from fasttune.config import SFTConfig
-    from fasttune.train import train_sft
+    from fasttune.sft import train_sft
 
     sft = load_config(ROOT / "examples/sft.toml", [f'run.output_dir={json.dumps(str(tmp_path / "sft"))}',
                                                    "train.max_steps=3", 'data.eval=""', "model.load_in_4bit=false",

@@ -19,7 +19,7 @@ import torch
 from fasttune import checkpoint
 from fasttune.checkpoint import CheckpointError
 from fasttune.config import load_config
-from fasttune.train import train_sft
+from fasttune.sft import train_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

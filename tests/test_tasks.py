@@ -15,7 +15,7 @@ from fasttune import tasks
 from fasttune.cli import main
 from fasttune.config import SFTConfig, load_config
 from fasttune.tasks import TASKS, Task, TaskSpec
-from fasttune.train import SFTTask
+from fasttune.sft import SFTTask
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,7 @@
 """Micro-batches: which examples go together, the tensors the model is called with, and the stream of
 them that the training loop draws from.
 
+Packing is best-fit decreasing (`packing_rows`) into rows of `train.micro_batch_size` tokens.
 Packed: the examples of a row are concatenated; position ids restart at each sample, cu_seqlens
 mark the samples for the varlen attention, and the labels are shifted within each sample (its
 last token predicts nothing, so no token learns to predict the next sample). Padded: each
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import IGNORE, packing_rows
+from .masks import IGNORE
+from .sources import DataError
 
 
 @dataclass
@@ -40,6 +42,34 @@ class Batch:
         else:
             kw["attention_mask"] = self.attention_mask.to(dev)
         return kw
+
+
+@dataclass
+class PairBatch(Batch):
+    """B preference pairs (DPO, reward models) as one padded batch of 2B sequences, the B chosen first."""
+
+    pair_ids: torch.Tensor | None = None  # [B] the pairs' indices in their list (DPO's reference cache)
+    margin: torch.Tensor | None = None  # [B] the pairs' margins (reward models); None when no pair has one
+
+    @property
+    def pairs(self) -> int:
+        return len(self.pair_ids)
+
+
+def pair_batch(pairs, group, pad_id) -> PairBatch:
+    """The pairs `group` (indices into `pairs`, each with .chosen, .rejected and .margin) as a PairBatch."""
+    b = padded_batch([pairs[i].chosen for i in group] + [pairs[i].rejected for i in group], pad_id)
+    margins = [pairs[i].margin for i in group]
+    margin = None if all(m is None for m in margins) else torch.tensor([m or 0.0 for m in margins])
+    return PairBatch(**vars(b), pair_ids=torch.tensor(group), margin=margin)
+
+
+@dataclass
+class UnpairedBatch(Batch):
+    """KTO's B completions, each labelled desirable or not, with the mismatched sequences of its KL term."""
+
+    desirable: torch.Tensor | None = None  # [B] bool
+    kl: Batch | None = None  # prompt i with completion i - 1 (loss_type "kto"), else None
 
 
 def _shifted(labels):
@@ -83,6 +113,33 @@ def epoch_plan(lengths, *, packing, micro_batch_size, seed, epoch) -> list[list[
         groups = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
     rng.shuffle(groups)
     return groups
+
+
+def packing_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: indices of the examples in each row, rows at most `capacity` tokens."""
+    import bisect
+
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    free: list[tuple[int, int]] = []  # (free tokens, row), sorted
+    rows: list[list[int]] = []
+    for i in order:
+        L = lengths[i]
+        if L > capacity:
+            raise DataError(f"an example of {L} tokens does not fit a row of {capacity}; make "
+                            "train.micro_batch_size >= data.max_seq_len")
+        k = bisect.bisect_left(free, (L, -1))  # the tightest row that still fits
+        if k < len(free):
+            space, r = free.pop(k)
+            rows[r].append(i)
+            bisect.insort(free, (space - L, r))
+        else:
+            rows.append([i])
+            bisect.insort(free, (capacity - L, len(rows) - 1))
+    return rows
+
+
+def packing_efficiency(lengths, rows, capacity) -> float:
+    return sum(lengths) / (len(rows) * capacity) if rows else 0.0
 
 
 def make_batch(examples, packing, pad_id) -> Batch:

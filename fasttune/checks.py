@@ -2,7 +2,7 @@
 functions) and print what a run would train on, trained tokens between « and ». Train nothing.
 fasttune/tasks.py names these functions (`TaskSpec.check`); cli.py prints the resolved config first."""
 
-from .data import IGNORE
+from .masks import IGNORE
 
 
 def marked(tok, ids, labels) -> str:
@@ -23,7 +23,8 @@ def marked(tok, ids, labels) -> str:
 
 
 def check_sft(cfg, tok):
-    from .data import load_sft, packing_efficiency, packing_rows
+    from .batches import packing_efficiency, packing_rows
+    from .data import load_sft
 
     for name in ("train", "eval"):
         path = getattr(cfg.data, name)

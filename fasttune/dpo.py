@@ -25,8 +25,8 @@ import torch
 from fasttune.kernels import dpo_loss, linear_logprobs, preference_loss
 from fasttune.kernels.preference import LOSS_TYPES as REFERENCE_FREE
 
-from .batches import padded_batch
-from .checkpoint import _file_hash
+from .batches import pair_batch
+from .checkpoint import file_hash
 from .config import ConfigError
 from .models import final_hidden
 from .preference import load_pairs
@@ -56,9 +56,7 @@ class DPOTask:
         self.ref = {}  # precomputed: split -> [n_pairs, 2] (chosen, rejected)
 
     def batch(self, pairs, group):
-        b = padded_batch([pairs[i].chosen for i in group] + [pairs[i].rejected for i in group], self.tok.pad_token_id)
-        b.pair_ids = torch.tensor(group)
-        return b
+        return pair_batch(pairs, group, self.tok.pad_token_id)
 
     def count(self, batch):
         return len(batch.pair_ids)
@@ -125,7 +123,7 @@ class DPOTask:
         dist = dist or Dist()
         c = self.cfg
         # what the reference log-probs depend on: the data, the reference model, and how they are summed
-        key = json.dumps([_file_hash(getattr(c.data, split)), c.model.path, c.model.adapter, c.model.load_in_4bit,
+        key = json.dumps([file_hash(getattr(c.data, split)), c.model.path, c.model.adapter, c.model.load_in_4bit,
                           c.model.compute_dtype, c.data.format, c.data.roles, c.data.overlong, self.d.max_len,
                           self.d.max_prompt_len, self.averaged], default=str)
         path = run_dir / f"reference_logps-{split}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"

@@ -22,10 +22,8 @@ from .models import device, load_tokenizer
 from .tasks import for_config
 
 
-def _target(cfg, adapter, log=print):
-    """(checkpoint folder or None for the base, a description)."""
-    from .infer import _run_of
-
+def eval_target(cfg, adapter, log=print):
+    """What `fasttune eval --adapter` names: (checkpoint folder, or None for the base; a description)."""
     if adapter == "base":
         return None, "the base model (--adapter base)"
     if adapter is None:
@@ -34,7 +32,7 @@ def _target(cfg, adapter, log=print):
             raise ConfigError(f"no checkpoint in run.output_dir = {cfg.run.output_dir!r} to evaluate; train first, "
                               "or pass --adapter RUN_OR_CHECKPOINT, or --adapter base for the model before training")
         return ck, f"{ck} (the run's last checkpoint)"
-    run_cfg, ck = _run_of(adapter)
+    run_cfg, ck = checkpoint.run_of(adapter)
     if ck is None:
         raise ConfigError(f"--adapter {adapter}: not a fasttune run or checkpoint folder (no config.toml with "
                           "checkpoints/, no trainer_state.pt); use --adapter base for the base model")
@@ -49,13 +47,11 @@ def _target(cfg, adapter, log=print):
 
 def evaluate(cfg, adapter=None, log=print) -> dict:
     """The metrics of `cfg`'s task on its eval data (or train data) for the model with `adapter`."""
-    from .infer import model_for
-
     dev = device()
     split = "eval" if cfg.data.eval else "train"
     if split == "train":
         log(f"data.eval is not set: evaluating on data.train ({cfg.data.train})")
-    ck, what = _target(cfg, adapter, log)
+    ck, what = eval_target(cfg, adapter, log)
     tok = load_tokenizer(cfg.model)
     model = for_config(cfg).load("inference_model")(cfg, ck, dev, base=ck is None)
     log(f"evaluating {what} on {getattr(cfg.data, split)}")
@@ -66,7 +62,8 @@ def evaluate(cfg, adapter=None, log=print) -> dict:
 
 def sft_metrics(cfg, tok, model, dev, split, log):
     from .batches import epoch_plan, make_batch
-    from .data import IGNORE, load_sft
+    from .data import load_sft
+    from .masks import IGNORE
     from .models import final_hidden
     from .sft import lm_loss
 
@@ -118,7 +115,7 @@ def grpo_metrics(cfg, tok, model, dev, split, log):
 
     task = GRPOTask(cfg, tok, log)
     task.setup(model, dev, None)
-    prompts = task._load_prompts(cfg.data.eval) if cfg.data.eval else task.prompts
+    prompts = task.load_prompts(cfg.data.eval) if cfg.data.eval else task.prompts
     torch.manual_seed(cfg.train.seed)
     return {**score(task, model, prompts), "eval_prompts": len(prompts),
             "eval_samples": len(prompts) * cfg.grpo.num_generations}

@@ -17,7 +17,7 @@ import torch
 from fasttune.kernels import linear_logprobs
 from fasttune.kernels.kto import kto_kl, kto_loss
 
-from .batches import padded_batch
+from .batches import UnpairedBatch, padded_batch
 from .config import ConfigError
 from .models import final_hidden
 from .unpaired import load_unpaired, mismatched
@@ -52,9 +52,8 @@ class KTOTask:
     def batch(self, items, group):
         chosen = [items[i] for i in group]
         b = padded_batch([it.example for it in chosen], self.tok.pad_token_id)
-        b.desirable = torch.tensor([it.desirable for it in chosen])
-        b.kl = padded_batch(mismatched(chosen, self.k.max_len), self.tok.pad_token_id) if self.k.loss_type == "kto" else None
-        return b
+        kl = padded_batch(mismatched(chosen, self.k.max_len), self.tok.pad_token_id) if self.k.loss_type == "kto" else None
+        return UnpairedBatch(**vars(b), desirable=torch.tensor([it.desirable for it in chosen]), kl=kl)
 
     def count(self, batch):
         return len(batch.desirable)

@@ -15,8 +15,10 @@ the response's tokens are trained.
 
 from dataclasses import dataclass, field
 
-from .data import IGNORE, SHAREGPT_ROLES, DataError, Example, TemplateError, listed, tokenize_conversation
-from .sources import read_data
+from .data import Example, listed
+from .formats import SHAREGPT_ROLES, as_messages
+from .masks import IGNORE, TemplateError, tokenize_conversation
+from .sources import DataError, read_data
 
 
 @dataclass
@@ -71,27 +73,19 @@ def detect(record) -> str | None:
     return None
 
 
-def _messages(value, role, where, what, roles):
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        return [{"role": roles.get(m["role"], m["role"]), "content": m["content"]} for m in value]
-    raise DataError(f"{where}: {what} must be a string or a list of {{role, content}} messages")
-
-
 def record_pairs(record, fmt, where, roles) -> list[Pair]:
     if fmt == "prompt_chosen_rejected":
-        return [Pair(_messages(record["prompt"], "user", where, "prompt", roles) if "prompt" in record else [],
-                     _messages(record["chosen"], "assistant", where, "chosen", roles),
-                     _messages(record["rejected"], "assistant", where, "rejected", roles), where)]
+        return [Pair(as_messages(record["prompt"], "user", where, "prompt", roles) if "prompt" in record else [],
+                     as_messages(record["chosen"], "assistant", where, "chosen", roles),
+                     as_messages(record["rejected"], "assistant", where, "rejected", roles), where)]
     if fmt == "openai":
         inp = record.get("input")
         msgs = inp.get("messages") if isinstance(inp, dict) else None
         if msgs is None:
             raise DataError(f"{where}: 'input' must be an object with 'messages'")
-        return [Pair(_messages(msgs, "user", where, "input.messages", roles),
-                     _messages(record["preferred_output"], "assistant", where, "preferred_output", roles),
-                     _messages(record["non_preferred_output"], "assistant", where, "non_preferred_output", roles), where)]
+        return [Pair(as_messages(msgs, "user", where, "input.messages", roles),
+                     as_messages(record["preferred_output"], "assistant", where, "preferred_output", roles),
+                     as_messages(record["non_preferred_output"], "assistant", where, "non_preferred_output", roles), where)]
     pairs, history, chosen, rejected = [], [], None, None
 
     def close(turn):
@@ -129,7 +123,7 @@ def record_pairs(record, fmt, where, roles) -> list[Pair]:
     return pairs
 
 
-def _fit(ids, labels, max_prompt_len, max_len):
+def fit_lengths(ids, labels, max_prompt_len, max_len):
     """Cut the prompt from the left to max_prompt_len, then the response to what max_len leaves."""
     first = next((i for i, lab in enumerate(labels) if lab != IGNORE), len(labels))
     keep = max(0, first - max_prompt_len)
@@ -171,7 +165,7 @@ def load_pairs(path, tokenizer, data_cfg, dpo_cfg) -> tuple[list[PairExample], P
                 if data_cfg.overlong == "drop":
                     report.dropped += 1
                     continue
-                sides = [_fit(ids, lb, dpo_cfg.max_prompt_len, dpo_cfg.max_len) for ids, lb in sides]
+                sides = [fit_lengths(ids, lb, dpo_cfg.max_prompt_len, dpo_cfg.max_len) for ids, lb in sides]
                 report.truncated += 1
             if any(all(lab == IGNORE for lab in lb[1:]) for _, lb in sides):
                 report.fully_masked.append(pair.where)

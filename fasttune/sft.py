@@ -12,9 +12,9 @@
 
 import torch
 
-from .batches import Stream, epoch_plan, make_batch
+from .batches import Stream, epoch_plan, make_batch, packing_efficiency
 from .config import ConfigError
-from .data import load_sft, packing_efficiency
+from .data import load_sft
 
 
 def lm_loss(model, batch, n_items, dev, options=None):

@@ -14,9 +14,11 @@ tokens are trained. `mismatched` builds TRL's KL sequences: prompt i with comple
 
 from dataclasses import dataclass, field
 
-from .data import IGNORE, DataError, Example, TemplateError, listed, tokenize_conversation
-from .preference import _fit, _messages, detect as detect_pairs, record_pairs
-from .sources import read_data
+from .data import Example, listed
+from .formats import as_messages
+from .masks import IGNORE, TemplateError, tokenize_conversation
+from .sources import DataError, read_data
+from .preference import detect as detect_pairs, fit_lengths, record_pairs
 
 
 @dataclass
@@ -63,8 +65,8 @@ def record_examples(record, fmt, where, roles) -> list[tuple[list, list, bool, s
         label = record["label"]
         if not isinstance(label, bool):
             raise DataError(f"{where}: 'label' must be true or false, got {label!r}")
-        prompt = _messages(record["prompt"], "user", where, "prompt", roles) if "prompt" in record else []
-        return [(prompt, _messages(record["completion"], "assistant", where, "completion", roles), label, where)]
+        prompt = as_messages(record["prompt"], "user", where, "prompt", roles) if "prompt" in record else []
+        return [(prompt, as_messages(record["completion"], "assistant", where, "completion", roles), label, where)]
     return [(p.prompt, side, good, p.where) for p in record_pairs(record, fmt, where, roles)
             for side, good in ((p.chosen, True), (p.rejected, False))]
 
@@ -96,7 +98,7 @@ def load_unpaired(path, tokenizer, data_cfg, kto_cfg) -> tuple[list[Unpaired], U
                 if data_cfg.overlong == "drop":
                     report.dropped += 1
                     continue
-                ids, labels = _fit(ids, labels, kto_cfg.max_prompt_len, kto_cfg.max_len)
+                ids, labels = fit_lengths(ids, labels, kto_cfg.max_prompt_len, kto_cfg.max_len)
                 report.truncated += 1
             if all(lab == IGNORE for lab in labels[1:]):
                 report.fully_masked.append(at)

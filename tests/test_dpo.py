@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from fasttune.builtin import byte_tokenizer
 from fasttune.cli import main
 from fasttune.config import DPOConfig, PrefDataConfig, DPOSection, load_config
-from fasttune.data import IGNORE, DataError
+from fasttune.masks import IGNORE
+from fasttune.sources import DataError
 from fasttune.dpo import DPOTask, train_dpo
 from fasttune.models import load_model, load_tokenizer
 from fasttune.preference import load_pairs

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from fasttune.batches import packed_batch
 from fasttune.cli import main
 from fasttune.config import load_config
-from fasttune.data import IGNORE, load_sft
+from fasttune.data import load_sft
+from fasttune.masks import IGNORE
 from fasttune.kernels import revert
 from fasttune.models import load_model, load_tokenizer
 from fasttune.sft import SFTTask, train_sft

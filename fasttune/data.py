@@ -29,6 +29,19 @@ def listed(reasons, n=5) -> str:
     return "".join(f"\n    {r}" for r in reasons[:n]) + more
 
 
+def left_out(report, limit, skipped_as, masked_as) -> list[str]:
+    """A data report's lines on what was cut or left out: truncated or dropped over `limit`, skipped
+    because the masks cannot be built (with why), or without a trained token."""
+    r, lines = report, []
+    if r.truncated or r.dropped:
+        lines.append(f"  over {limit}: {r.truncated} truncated, {r.dropped} dropped")
+    if r.skipped:
+        lines.append(f"  {len(r.skipped)} {skipped_as}skipped because their masks cannot be built:" + listed(r.skipped))
+    if r.fully_masked:
+        lines.append(f"  {len(r.fully_masked)} {masked_as} no trained token and are skipped, e.g. {r.fully_masked[0]}")
+    return lines
+
+
 @dataclass
 class DataReport:
     path: str
@@ -47,14 +60,7 @@ class DataReport:
         lines = [f"{self.path}: {self.examples} examples ({self.format})",
                  f"  tokens per example: min {L[0]}, median {q(0.5)}, p95 {q(0.95)}, max {L[-1]}; "
                  f"{self.trained_tokens} trained tokens in all"]
-        if self.truncated or self.dropped:
-            lines.append(f"  over max_seq_len: {self.truncated} truncated, {self.dropped} dropped")
-        if self.skipped:
-            lines.append(f"  {len(self.skipped)} records skipped because their masks cannot be built:" + listed(self.skipped))
-        if self.fully_masked:
-            lines.append(f"  {len(self.fully_masked)} examples have no trained token and are skipped, "
-                         f"e.g. {self.fully_masked[0]}")
-        return "\n".join(lines)
+        return "\n".join(lines + left_out(self, "max_seq_len", "records ", "examples have"))
 
 
 def load_sft(path, tokenizer, data_cfg) -> tuple[list[Example], DataReport]:

@@ -18,6 +18,7 @@ policy's nor the reference's.
 import contextlib
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -216,3 +217,29 @@ def train_dpo(cfg, log=print) -> dict:
     from .train import train
 
     return train(cfg, DPOTask, log)
+
+
+def check(cfg, tok):
+    """`fasttune check`: the pairs of data.train and data.eval, the first one marked."""
+    from .checks import check_pairs
+
+    check_pairs(cfg, tok, cfg.dpo)
+
+
+def metrics(cfg, tok, model, dev, split, log):
+    """`fasttune eval`: the DPO loss, reward accuracy and margin, log-probs and rewards, against the
+    same reference as training."""
+    cfg = replace(cfg, dpo=replace(cfg.dpo, reference="live"))
+    task = DPOTask(cfg, tok, log)
+    if cfg.model.adapter and hasattr(model, "load_adapter"):
+        task.setup(model, dev, Path(cfg.run.output_dir))
+    pairs = task.eval_pairs if split == "eval" else task.pairs
+    n = len(pairs)
+    sums = {}
+    for s in range(0, n, cfg.train.micro_batch_size):
+        group = list(range(s, min(s + cfg.train.micro_batch_size, n)))
+        loss, stats = task.loss(model, task.batch(pairs, group), n, dev, split)
+        sums["loss"] = sums.get("loss", 0.0) + float(loss)
+        for k, v in stats.items():  # micro-batch means, weighted by its pairs
+            sums[k] = sums.get(k, 0.0) + float(v) * len(group) / n
+    return {"eval_loss": sums.pop("loss"), **{f"eval_{k}": v for k, v in sums.items()}, "eval_pairs": n}

@@ -351,3 +351,22 @@ def train_grpo(cfg, log=print) -> dict:
     from .train import train
 
     return train(cfg, GRPOTask, log)
+
+
+def check(cfg, tok):
+    """`fasttune check`: the prompts, and every reward function tried on them."""
+    task = GRPOTask(cfg, tok, print)  # reads the prompts and tries every reward function
+    p = task.prompts[0]
+    print(f"  first prompt ({p['where']}), as the model sees it:\n    " + p["text"].replace("\n", "\n    "))
+    print("ok: the config, the prompts and the reward functions are valid")
+
+
+def metrics(cfg, tok, model, dev, split, log):
+    """`fasttune eval`: each reward function's mean over `num_generations` samples per prompt, and their
+    weighted total."""
+    task = GRPOTask(cfg, tok, log)
+    task.setup(model, dev, None)
+    prompts = task.load_prompts(cfg.data.eval) if cfg.data.eval else task.prompts
+    torch.manual_seed(cfg.train.seed)
+    return {**score(task, model, prompts), "eval_prompts": len(prompts),
+            "eval_samples": len(prompts) * cfg.grpo.num_generations}

@@ -9,13 +9,13 @@ Formats (JSON or JSONL, detected per file unless `data.format` says):
   turns are plain history;
 - openai: {"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}.
 
-Each side is tokenized as prompt + response with the SFT machinery (masks by construction); only
+Each side is tokenized as prompt + response with the chat-template masks (fasttune/masks.py); only
 the response's tokens are trained.
 """
 
 from dataclasses import dataclass, field
 
-from .data import Example, listed
+from .data import Example, left_out
 from .formats import SHAREGPT_ROLES, as_messages
 from .masks import IGNORE, TemplateError, tokenize_conversation
 from .sources import DataError, read_data
@@ -52,14 +52,7 @@ class PairReport:
         L = sorted(self.lengths) or [0]
         lines = [f"{self.path}: {self.pairs} pairs ({self.format}); tokens per side: min {L[0]}, "
                  f"median {L[len(L) // 2]}, max {L[-1]}"]
-        if self.truncated or self.dropped:
-            lines.append(f"  over dpo.max_len / max_prompt_len: {self.truncated} truncated, {self.dropped} dropped")
-        if self.skipped:
-            lines.append(f"  {len(self.skipped)} pairs skipped because their masks cannot be built:" + listed(self.skipped))
-        if self.fully_masked:
-            lines.append(f"  {len(self.fully_masked)} pairs have a side with no trained token and are skipped, "
-                         f"e.g. {self.fully_masked[0]}")
-        return "\n".join(lines)
+        return "\n".join(lines + left_out(self, "dpo.max_len / max_prompt_len", "pairs ", "pairs have a side with"))
 
 
 def detect(record) -> str | None:

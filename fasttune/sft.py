@@ -1,14 +1,17 @@
 """`fasttune sft`: supervised fine-tuning on the shared loop (fasttune/train.py).
 
-- Data: SFT records (Alpaca, ShareGPT, OpenAI messages) read and masked by fasttune/data.py, in packed
-  rows of `train.micro_batch_size` tokens (best-fit decreasing) or padded micro-batches of that many
+- Data: SFT examples (Alpaca, ShareGPT, OpenAI messages; fasttune/data.py), in packed rows of
+  `train.micro_batch_size` tokens (best-fit decreasing) or padded micro-batches of that many
   sequences (fasttune/batches.py).
 - Loss: `lm_loss`, the fused linear + cross-entropy that `apply()` installed on the model's head, summed
   over trained tokens and divided by the count over the whole accumulated batch; for a model it could
   not patch, the same loss on the model's logits. `train.loss = "dft"` scales each token's loss by its
   probability, `train.class_weights` weighs chosen tokens (and the normalizer is then their summed weight).
-- Eval: the same loss per trained token on `data.eval`.
+- Eval: the same loss per trained token on `data.eval`, each `run.eval_every` steps; `metrics` adds
+  perplexity and token accuracy for `fasttune eval`, `check` shows the data for `fasttune check`.
 """
+
+import math
 
 import torch
 
@@ -125,3 +128,57 @@ def train_sft(cfg, log=print) -> dict:
     from .train import train
 
     return train(cfg, SFTTask, log)
+
+
+def check(cfg, tok):
+    """`fasttune check`: the examples of data.train and data.eval, how they pack, the first one marked."""
+    from .batches import packing_rows
+    from .checks import marked
+
+    for name in ("train", "eval"):
+        path = getattr(cfg.data, name)
+        if not path:
+            continue
+        examples, report = load_sft(path, tok, cfg.data)
+        print(f"[{name}] " + report.summary())
+        lengths = [len(e.input_ids) for e in examples]
+        if cfg.data.packing:
+            rows = packing_rows(lengths, cfg.train.micro_batch_size)
+            print(f"  packing: {len(rows)} rows of {cfg.train.micro_batch_size} tokens, "
+                  f"{100 * packing_efficiency(lengths, rows, cfg.train.micro_batch_size):.1f}% filled")
+        else:
+            print(f"  no packing: micro-batches of {cfg.train.micro_batch_size} sequences, padded to the longest")
+        if name == "train":
+            ex = examples[0]
+            print(f"  first example ({ex.where}), trained tokens between « and »:\n"
+                  + "\n".join("    " + line for line in marked(tok, ex.input_ids, ex.labels).splitlines()))
+    print("ok: the config and the data are valid")
+
+
+def metrics(cfg, tok, model, dev, split, log):
+    """`fasttune eval`: loss per trained token, perplexity and token accuracy on data.eval (or data.train)."""
+    from .masks import IGNORE
+    from .models import final_hidden
+
+    examples, report = load_sft(getattr(cfg.data, split), tok, cfg.data)
+    log(report.summary())
+    plan = epoch_plan([len(e.input_ids) for e in examples], packing=cfg.data.packing,
+                      micro_batch_size=cfg.train.micro_batch_size, seed=0, epoch=0)
+    batches = [make_batch([examples[i] for i in g], cfg.data.packing, tok.pad_token_id) for g in plan]
+    n = sum(b.trained for b in batches)
+    if n == 0:
+        raise ConfigError(f"data.{split} has no trained tokens to evaluate")
+    loss, correct = 0.0, 0
+    for b in batches:
+        loss += float(lm_loss(model, b, n, dev))
+        kwargs = b.model_kwargs(dev)
+        labels = kwargs.pop("shift_labels").reshape(-1)
+        hidden, head = final_hidden(model, **kwargs)
+        hidden = hidden.reshape(-1, head.weight.shape[1])
+        rows = (labels != IGNORE).nonzero().squeeze(1)
+        for s in range(0, len(rows), 1024):  # the trained rows' logits, a chunk at a time (argmax: softcap is monotone)
+            r = rows[s : s + 1024]
+            logits = torch.nn.functional.linear(hidden[r.to(dev)], head.weight, head.bias)
+            correct += int((logits.argmax(-1).cpu() == labels[r]).sum())
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_token_accuracy": correct / n,
+            "eval_trained_tokens": n, "eval_examples": len(examples)}

@@ -72,13 +72,13 @@ class TaskSpec:
 
 TASKS: dict[str, TaskSpec] = {
     "sft": TaskSpec("fasttune.config:SFTConfig", "fasttune.sft:SFTTask", None,
-                    "supervised fine-tuning from a TOML config", "fasttune.checks:check_sft", "fasttune.evaluation:sft_metrics"),
+                    "supervised fine-tuning from a TOML config", "fasttune.sft:check", "fasttune.sft:metrics"),
     "dpo": TaskSpec("fasttune.config:DPOConfig", "fasttune.dpo:DPOTask", "dpo",
                     "preference training (DPO) from a TOML config with a [dpo] section",
-                    "fasttune.checks:check_dpo", "fasttune.evaluation:dpo_metrics"),
+                    "fasttune.dpo:check", "fasttune.dpo:metrics"),
     "grpo": TaskSpec("fasttune.config:GRPOConfig", "fasttune.grpo:GRPOTask", "grpo",
                      "online RL (GRPO) with reward functions, from a config with a [grpo] section",
-                     "fasttune.checks:check_grpo", "fasttune.evaluation:grpo_metrics"),
+                     "fasttune.grpo:check", "fasttune.grpo:metrics"),
     "kto": TaskSpec("fasttune.config:KTOConfig", "fasttune.kto:KTOTask", "kto",
                     "KTO on completions labelled desirable or not, from a config with a [kto] section",
                     "fasttune.kto:check", "fasttune.kto:metrics"),

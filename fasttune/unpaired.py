@@ -8,13 +8,13 @@ Formats (JSON or JSONL, detected per file unless `data.format` says):
   preferred_output), only with `kto.from_pairs = true`: each pair gives its chosen response as a
   desirable completion and its rejected one as an undesirable completion.
 
-Each example is tokenized as prompt + completion with the SFT machinery; only the completion's
-tokens are trained. `mismatched` builds TRL's KL sequences: prompt i with completion i-1.
+Each example is tokenized as prompt + completion with the chat-template masks (fasttune/masks.py);
+only the completion's tokens are trained. `mismatched` builds TRL's KL sequences: prompt i with completion i-1.
 """
 
 from dataclasses import dataclass, field
 
-from .data import Example, listed
+from .data import Example, left_out
 from .formats import as_messages
 from .masks import IGNORE, TemplateError, tokenize_conversation
 from .sources import DataError, read_data
@@ -44,13 +44,7 @@ class UnpairedReport:
         L = sorted(self.lengths) or [0]
         lines = [f"{self.path}: {self.desirable + self.undesirable} completions ({self.format}): {self.desirable} "
                  f"desirable, {self.undesirable} undesirable; tokens: min {L[0]}, median {L[len(L) // 2]}, max {L[-1]}"]
-        if self.truncated or self.dropped:
-            lines.append(f"  over kto.max_len / max_prompt_len: {self.truncated} truncated, {self.dropped} dropped")
-        if self.skipped:
-            lines.append(f"  {len(self.skipped)} skipped because their masks cannot be built:" + listed(self.skipped))
-        if self.fully_masked:
-            lines.append(f"  {len(self.fully_masked)} have no trained token and are skipped, e.g. {self.fully_masked[0]}")
-        return "\n".join(lines)
+        return "\n".join(lines + left_out(self, "kto.max_len / max_prompt_len", "", "have"))
 
 
 def detect(record) -> str | None:

@@ -6,6 +6,7 @@ the step it resumes from and appends after them.
 """
 
 import json
+from pathlib import Path
 
 from .config import resolved_toml
 
@@ -18,7 +19,7 @@ def plot_losses(metrics_path, png_path, panels=()):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(metrics_path)]
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines()]
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(6 + 4.5 * len(panels), 3.5), dpi=100, squeeze=False)
     ax = axes[0][0]
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
@@ -57,7 +58,7 @@ class RunLog:
 
         self.reporters = Reporters(cfg.run.report_to, run_dir, cfg, step, resumed)
         (run_dir / "config.toml").write_text(resolved_toml(cfg))
-        kept = [line for line in open(self.path)] if self.path.exists() and resumed else []
+        kept = self.path.read_text().splitlines(keepends=True) if self.path.exists() and resumed else []
         self.path.write_text("".join(line for line in kept if json.loads(line)["step"] <= step))
         self.file = open(self.path, "a")
         self.bar = _progress_bar(total, step, name)
@@ -87,4 +88,5 @@ class RunLog:
         if not self.path.stat().st_size:
             return None
         plot_losses(self.path, self.path.parent / "loss.png", self.panels)
-        return json.loads(open(self.path).readline())
+        with open(self.path) as f:
+            return json.loads(f.readline())

@@ -61,9 +61,10 @@ def peak_memory_mb(dev) -> float:
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     try:  # this process's own peak RSS; ru_maxrss would carry a forking parent's peak across exec
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

@@ -1,16 +1,15 @@
 """The task interface and the registry of commands.
 
-Each training command (`fasttune sft|dpo|grpo`) is one task: a config schema (config.py) and a class
-that implements `Task` below. `TASKS` maps the command's name to them. The CLI, config loading,
-`fasttune check`, `fasttune eval`, checkpoints and the training loop ask this registry (or the task
-object) what to do; none of them tests a task's name or knows its metric keys.
+Each training command (`fasttune sft|dpo|grpo|kto|reward|ppo`) is one task: a config schema
+(config.py) and a class that implements `Task` below. `TASKS` maps the command's name to them. The
+CLI, config loading, `fasttune check`, `fasttune eval`, checkpoints and the training loop ask this
+registry (or the task object) what to do; none of them tests a task's name or knows its metric keys.
 
 The registry stores "module:attribute" references, imported only when a command needs them, so that
 reading a config or listing the commands does not import torch or transformers.
 
 Adding a task (CONTRIBUTING.md has the steps): one module with the task class, its `check` and
-`metrics` functions, and one `TaskSpec` line in `TASKS`. (The first three commands keep theirs in
-fasttune/checks.py and fasttune/evaluation.py.)
+`metrics` functions, and one `TaskSpec` line in `TASKS`.
 """
 
 from __future__ import annotations

@@ -174,13 +174,13 @@ def write_job(task: str, workdir: Path) -> Path:
 def run_fasttune(task: str, workdir: Path) -> dict:
     """`fasttune TASK config.toml` (its command line, in this process); each step's wall and CPU time
     taken where the loop writes its metrics line, the rest from metrics.jsonl."""
-    from fasttune import cli, train
+    from fasttune import batches, cli, runlog
 
     config = write_job(task, workdir)
     marks, tokens, last = [], [], []
-    write, step = train.RunLog.write, train.Stream.step
+    write, step = runlog.RunLog.write, batches.Stream.step
 
-    def batches(self, *a, **kw):  # the step's micro-batches, whose `tokens` the loop sums
+    def step_batches(self, *a, **kw):  # the step's micro-batches, whose `tokens` the loop sums
         last[:] = step(self, *a, **kw)
         return last
 
@@ -189,7 +189,7 @@ def run_fasttune(task: str, workdir: Path) -> dict:
         tokens.append(sum(b.tokens for b in last))
         return write(self, row)
 
-    train.RunLog.write, train.Stream.step = timed_write, batches
+    runlog.RunLog.write, batches.Stream.step = timed_write, step_batches
     t0 = (time.perf_counter(), time.process_time())
     rc = cli.main([task, str(config)])
     if rc:

@@ -23,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -41,7 +42,9 @@ class CheckpointError(ResumeError):
     """A checkpoint fails its check, or cannot be written."""
 
 
-def _file_hash(path) -> str:
+def file_hash(path) -> str:
+    """The first 16 hex digits of a file's SHA-256 ("" for no file): what a run's fingerprint and DPO's
+    reference cache key name a data file by."""
     if not path:
         return ""
     h = hashlib.sha256()
@@ -61,7 +64,7 @@ def fingerprint(cfg, world: int = 1) -> dict:
     fp = {
         "model": {k: d["model"][k] for k in ("path", "adapter", "finetune", "load_in_4bit", "bnb_4bit_quant_type")},
         "lora": d.get("lora"),
-        "data": {**d["data"], "train_sha": _file_hash(cfg.data.train), "eval": None},
+        "data": {**d["data"], "train_sha": file_hash(cfg.data.train), "eval": None},
         "batching": {"micro_batch_size": cfg.train.micro_batch_size, "seed": cfg.train.seed,
                      "micro-batches per step (train.grad_accum × processes)": cfg.train.grad_accum * world},
     }
@@ -313,6 +316,29 @@ def pick(target, warn=print) -> Path | None:
         verify(target, warn)
         return target
     return find(target, "auto", warn)
+
+
+def run_of(target, warn=None):
+    """(run config, checkpoint folder) for a run folder (its last checkpoint that checks out) or a
+    checkpoint folder (verified), as merge, generate, chat, eval and reward models name them;
+    (None, None) for anything else. `warn`: where a skipped checkpoint is said (stderr by default)."""
+    from .config import ConfigError, load_config
+
+    path = Path(target)
+    warn = warn or (lambda m: print(m, file=sys.stderr))
+    if is_checkpoint(path):
+        ck, run = pick(path, warn), path.parent.parent
+    elif (path / "config.toml").is_file() and (path / "checkpoints").is_dir():
+        run, ck = path, pick(path, warn)
+        if ck is None:
+            raise ConfigError(f"{path}: a run folder without a complete checkpoint (checkpoints/ has none); "
+                              "train it first, or name a checkpoint folder")
+    else:
+        return None, None
+    if not (run / "config.toml").is_file():
+        raise ConfigError(f"{ck}: a checkpoint outside its run folder (no {run / 'config.toml'}); "
+                          "keep checkpoints inside the run's output_dir")
+    return load_config(run / "config.toml"), ck
 
 
 def load(path, model, optimizer, scheduler, fp, dist=None) -> dict:

@@ -1,8 +1,8 @@
-"""`fasttune check CONFIG.toml`, each command's part: validate its data (and, for GRPO, its reward
-functions) and print what a run would train on, trained tokens between « and ». Train nothing.
-fasttune/tasks.py names these functions (`TaskSpec.check`); cli.py prints the resolved config first."""
+"""What `fasttune check CONFIG.toml` prints, shared by the tasks' `check` functions (each in its task's
+module, named by `TaskSpec.check`): an example with its trained tokens between « and », and the
+preference pairs that DPO and reward models read. cli.py prints the resolved config first."""
 
-from .data import IGNORE
+from .masks import IGNORE
 
 
 def marked(tok, ids, labels) -> str:
@@ -22,33 +22,6 @@ def marked(tok, ids, labels) -> str:
     return "".join(out)
 
 
-def check_sft(cfg, tok):
-    from .data import load_sft, packing_efficiency, packing_rows
-
-    for name in ("train", "eval"):
-        path = getattr(cfg.data, name)
-        if not path:
-            continue
-        examples, report = load_sft(path, tok, cfg.data)
-        print(f"[{name}] " + report.summary())
-        lengths = [len(e.input_ids) for e in examples]
-        if cfg.data.packing:
-            rows = packing_rows(lengths, cfg.train.micro_batch_size)
-            print(f"  packing: {len(rows)} rows of {cfg.train.micro_batch_size} tokens, "
-                  f"{100 * packing_efficiency(lengths, rows, cfg.train.micro_batch_size):.1f}% filled")
-        else:
-            print(f"  no packing: micro-batches of {cfg.train.micro_batch_size} sequences, padded to the longest")
-        if name == "train":
-            ex = examples[0]
-            print(f"  first example ({ex.where}), trained tokens between « and »:\n"
-                  + "\n".join("    " + line for line in marked(tok, ex.input_ids, ex.labels).splitlines()))
-    print("ok: the config and the data are valid")
-
-
-def check_dpo(cfg, tok):
-    check_pairs(cfg, tok, cfg.dpo)
-
-
 def check_pairs(cfg, tok, section):
     """The preference pairs of data.train and data.eval, read with `section`'s lengths."""
     from .preference import load_pairs
@@ -63,12 +36,3 @@ def check_pairs(cfg, tok, section):
                       + marked(tok, p.chosen.input_ids, p.chosen.labels).replace("\n", "\n              ")
                       + "\n    rejected: " + marked(tok, p.rejected.input_ids, p.rejected.labels).replace("\n", "\n              "))
     print("ok: the config and the data are valid")
-
-
-def check_grpo(cfg, tok):
-    from .grpo import GRPOTask
-
-    task = GRPOTask(cfg, tok, print)  # reads the prompts and tries every reward function
-    p = task.prompts[0]
-    print(f"  first prompt ({p['where']}), as the model sees it:\n    " + p["text"].replace("\n", "\n    "))
-    print("ok: the config, the prompts and the reward functions are valid")

@@ -89,16 +89,15 @@ def _merge(args) -> int:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from fasttune import builtin, checkpoint
-    from fasttune.config import ConfigError, load_config
+    from fasttune import builtin
+    from fasttune.checkpoint import run_of
+    from fasttune.config import ConfigError
     from fasttune.models import load_tokenizer
 
     src = Path(args.run_dir)
-    ck = checkpoint.pick(src, warn=lambda m: print(m, file=sys.stderr))
+    cfg, ck = run_of(src)
     if ck is None:
-        raise ConfigError(f"{src}: no complete checkpoint in {src / 'checkpoints'}")
-    run_dir = ck.parent.parent
-    cfg = load_config(run_dir / "config.toml")
+        raise ConfigError(f"{src}: not a run folder (config.toml with checkpoints/) or a checkpoint folder")
     if not (ck / "adapter_config.json").is_file():
         raise ConfigError(f"{ck} holds a full fine-tune, not an adapter: it is already a complete model")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -130,8 +129,9 @@ def _check_sampling(args):
 def _generate(args) -> int:
     import json
 
-    from fasttune.infer import generate, load, read_prompts
+    from fasttune.infer import generate, load
     from fasttune.models import device
+    from fasttune.prompts import read_prompts
 
     _check_sampling(args)
     prompts = read_prompts(args.prompts)  # a bad file fails before the model is loaded
@@ -139,9 +139,9 @@ def _generate(args) -> int:
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     print(f"generating {args.num_samples} completion(s) for each of {len(prompts)} prompts with {loaded.what}",
           file=sys.stderr)
-    completions = generate(loaded.model, loaded.tok, [p["messages"] for p in prompts], num_samples=args.num_samples,
+    completions = generate(loaded.model, loaded.tok, [p.messages for p in prompts], num_samples=args.num_samples,
                            batch_size=args.batch_size, weights=args.weights, **settings)
-    lines = "".join(json.dumps({"prompt": p["prompt"], "completion": c, "sample": k, "model": loaded.what, **settings},
+    lines = "".join(json.dumps({"prompt": p.prompt, "completion": c, "sample": k, "model": loaded.what, **settings},
                                ensure_ascii=False) + "\n" for p, samples in zip(prompts, completions)
                     for k, c in enumerate(samples))
     if args.out:
@@ -178,7 +178,8 @@ def _eval(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """Every command's arguments: the tasks' from the registry, then check, merge, generate, chat, eval, env."""
     parser = argparse.ArgumentParser(prog="fasttune", description="Kernel-accelerated post-training for LLMs.")
     parser.add_argument("--version", action="version", version=f"fasttune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -201,15 +202,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder for the merged model")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.set_defaults(func=_merge)
-    def sampling(p, temperature):
-        p.add_argument("--max-new-tokens", type=int, default=256)
-        p.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
-        p.add_argument("--top-p", type=float, default=1.0)
-        p.add_argument("--base", action="store_true", help="the run's base model without its adapter, to compare")
-        p.add_argument("--weights", choices=("auto", "merged", "live"), default="auto",
-                       help="an adapter run samples from a merged dense copy (merged), the 4-bit model and adapter "
-                            "as trained (live), or merged when it fits (auto)")
+    _add_using(sub)
+    sub.add_parser("env", help="print versions, device and the kernel backend in use").set_defaults(func=_env)
+    return parser
 
+
+def _sampling_flags(p, temperature):
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--base", action="store_true", help="the run's base model without its adapter, to compare")
+    p.add_argument("--weights", choices=("auto", "merged", "live"), default="auto",
+                   help="an adapter run samples from a merged dense copy (merged), the 4-bit model and adapter "
+                        "as trained (live), or merged when it fits (auto)")
+
+
+def _add_using(sub):
+    """The commands that use a trained model: generate, chat, eval."""
     target = "a run folder (its last checkpoint), a checkpoint folder, a merged folder or a model folder"
     p = sub.add_parser("generate", help="complete a file of prompts with a trained model",
                        description="complete the prompts of a JSON or JSONL file (\"prompt\" as text or messages, or "
@@ -219,13 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="JSONL file for the completions (default: standard output)")
     p.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
     p.add_argument("--batch-size", type=int, default=16, help="sequences generated together")
-    sampling(p, 0.7)
+    _sampling_flags(p, 0.7)
     p.set_defaults(func=_generate)
     p = sub.add_parser("chat", help="talk to a trained model in the terminal",
                        description="a multi-turn chat, streamed; /reset, /system TEXT, /exit. With input piped in, "
                                    "each line is a user turn and only the replies are printed")
     p.add_argument("target", help=target)
-    sampling(p, 0.7)
+    _sampling_flags(p, 0.7)
     p.set_defaults(func=_chat)
     p = sub.add_parser("eval", help="held-out metrics of a run (or of the base model)",
                        description="SFT: loss, perplexity, token accuracy; DPO: reward accuracy and margin, log-probs; "
@@ -236,14 +245,17 @@ def main(argv: list[str] | None = None) -> int:
                    "training (default: the last checkpoint of run.output_dir)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
     p.set_defaults(func=_eval)
-    sub.add_parser("env", help="print versions, device and the kernel backend in use").set_defaults(func=_env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     from fasttune.checkpoint import ResumeError
     from fasttune.config import ConfigError
-    from fasttune.data import DataError
+    from fasttune.sources import DataError
     from fasttune.train import TrainingError
     from fasttune.stopping import Stopped
 

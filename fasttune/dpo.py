@@ -18,6 +18,7 @@ policy's nor the reference's.
 import contextlib
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,8 +26,8 @@ import torch
 from fasttune.kernels import dpo_loss, linear_logprobs, preference_loss
 from fasttune.kernels.preference import LOSS_TYPES as REFERENCE_FREE
 
-from .batches import padded_batch
-from .checkpoint import _file_hash
+from .batches import pair_batch
+from .checkpoint import file_hash
 from .config import ConfigError
 from .models import final_hidden
 from .preference import load_pairs
@@ -49,16 +50,14 @@ class DPOTask:
         self.pairs, report = load_pairs(cfg.data.train, tok, cfg.data, self.d)
         log(report.summary())
         self.eval_pairs = load_pairs(cfg.data.eval, tok, cfg.data, self.d)[0] if cfg.data.eval else None
-        from .train import Stream, shuffled_groups
+        from .batches import Stream, shuffled_groups
 
         plan = shuffled_groups(len(self.pairs), cfg.train.micro_batch_size, cfg.train.seed)
         self.stream = Stream(plan, lambda g: self.batch(self.pairs, g))
         self.ref = {}  # precomputed: split -> [n_pairs, 2] (chosen, rejected)
 
     def batch(self, pairs, group):
-        b = padded_batch([pairs[i].chosen for i in group] + [pairs[i].rejected for i in group], self.tok.pad_token_id)
-        b.pair_ids = torch.tensor(group)
-        return b
+        return pair_batch(pairs, group, self.tok.pad_token_id)
 
     def count(self, batch):
         return len(batch.pair_ids)
@@ -125,7 +124,7 @@ class DPOTask:
         dist = dist or Dist()
         c = self.cfg
         # what the reference log-probs depend on: the data, the reference model, and how they are summed
-        key = json.dumps([_file_hash(getattr(c.data, split)), c.model.path, c.model.adapter, c.model.load_in_4bit,
+        key = json.dumps([file_hash(getattr(c.data, split)), c.model.path, c.model.adapter, c.model.load_in_4bit,
                           c.model.compute_dtype, c.data.format, c.data.roles, c.data.overlong, self.d.max_len,
                           self.d.max_prompt_len, self.averaged], default=str)
         path = run_dir / f"reference_logps-{split}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
@@ -218,3 +217,29 @@ def train_dpo(cfg, log=print) -> dict:
     from .train import train
 
     return train(cfg, DPOTask, log)
+
+
+def check(cfg, tok):
+    """`fasttune check`: the pairs of data.train and data.eval, the first one marked."""
+    from .checks import check_pairs
+
+    check_pairs(cfg, tok, cfg.dpo)
+
+
+def metrics(cfg, tok, model, dev, split, log):
+    """`fasttune eval`: the DPO loss, reward accuracy and margin, log-probs and rewards, against the
+    same reference as training."""
+    cfg = replace(cfg, dpo=replace(cfg.dpo, reference="live"))
+    task = DPOTask(cfg, tok, log)
+    if cfg.model.adapter and hasattr(model, "load_adapter"):
+        task.setup(model, dev, Path(cfg.run.output_dir))
+    pairs = task.eval_pairs if split == "eval" else task.pairs
+    n = len(pairs)
+    sums = {}
+    for s in range(0, n, cfg.train.micro_batch_size):
+        group = list(range(s, min(s + cfg.train.micro_batch_size, n)))
+        loss, stats = task.loss(model, task.batch(pairs, group), n, dev, split)
+        sums["loss"] = sums.get("loss", 0.0) + float(loss)
+        for k, v in stats.items():  # micro-batch means, weighted by its pairs
+            sums[k] = sums.get(k, 0.0) + float(v) * len(group) / n
+    return {"eval_loss": sums.pop("loss"), **{f"eval_{k}": v for k, v in sums.items()}, "eval_pairs": n}

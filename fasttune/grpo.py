@@ -18,6 +18,7 @@ score them with reward functions, turn the rewards into advantages within each g
 
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -26,8 +27,10 @@ from fasttune.kernels.grpo import PER_TOKEN_COUNT
 
 from .advantages import PER_TOKEN, compute_advantages
 from .config import ConfigError
-from .data import DataError, TemplateError, listed, render, stop_token_ids
-from .sources import read_data
+from .data import listed
+from .masks import TemplateError, chat_text, stop_token_ids
+from .prompts import left_pad, read_prompts
+from .sources import DataError
 from .models import final_hidden
 from .rewards import call_reward, load_reward
 
@@ -39,11 +42,32 @@ def _sharded(module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+@dataclass
 class Rollout:
-    """One micro-batch of samples: prompts × generations, with everything the loss needs."""
+    """One micro-batch of samples: prompts × generations (n rows), with everything the loss needs.
+    `GRPOTask.sample` fills the samples and rewards; `_rollout` then the log-probs and advantages
+    (PPOTask's also the critic's values and returns)."""
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+    input_ids: torch.Tensor  # [n, P + C]: the prompts, left-padded, then the completions
+    attention_mask: torch.Tensor  # [n, P + C]
+    prompt_len: int  # P
+    completion_ids: torch.Tensor  # [n, C]
+    completion_mask: torch.Tensor  # [n, C] bool: the trained tokens, through the end-of-turn token
+    rewards: torch.Tensor  # [n] the weighted total
+    raw: torch.Tensor  # [n, rewards]: each reward's value, NaN where one does not apply
+    truncated: torch.Tensor  # [n] bool: no end-of-turn token within max_completion_len
+    lengths: torch.Tensor  # [n] completion tokens through the end of turn
+    gen_time: float  # seconds sampling
+    tokens: int  # prompt and completion tokens attended
+    trained: int  # completion tokens in the loss
+    advantages: torch.Tensor | None = None  # [n], or [n, C] for per-token estimators
+    old_logps: torch.Tensor | None = None  # [n, C] at sampling time (num_iterations > 1, PPO)
+    ref_logps: torch.Tensor | None = None  # [n, C] under the reference (beta > 0)
+    ref_time: float = 0.0  # seconds on log-probs after sampling
+    fresh: bool = True  # no step has used it yet: its timings are still to report
+    returns: torch.Tensor | None = None  # PPO: [n, C] the critic's targets
+    values: torch.Tensor | None = None  # PPO: [n, C] the critic's values at sampling time
+    kl_sum: torch.Tensor | None = None  # PPO: [n] each sequence's KL to the reference
 
 
 class GRPOTask:
@@ -72,7 +96,7 @@ class GRPOTask:
         if len(self.weights) != len(self.funcs):
             raise ConfigError(f"grpo.reward_weights has {len(self.weights)} values for {len(self.funcs)} rewards "
                               "(grpo.reward_funcs, then grpo.reward_models)")
-        self.prompts = self._load_prompts(cfg.data.train, log)
+        self.prompts = self.load_prompts(cfg.data.train, log)
         log(f"{cfg.data.train}: {len(self.prompts)} prompts; {g.num_generations} completions each, "
             f"{g.prompts_per_step} prompts per micro-batch; rewards: " +
             ", ".join(f"{w} × {s}" for (s, _), w in zip(self.funcs, self.weights)))
@@ -94,7 +118,7 @@ class GRPOTask:
             blocks = [groups[i : i + per_step] for i in range(0, len(groups), per_step)]
             return [item for block in blocks for _ in range(g.num_iterations) for item in block]
 
-        from .train import Stream
+        from .batches import Stream
 
         self.stream = Stream(plan, self._rollout_for)
         self._cache, self._cache_size = {}, t.grad_accum
@@ -102,23 +126,14 @@ class GRPOTask:
 
     # ---- data and rewards -----------------------------------------------------------------------
 
-    def _load_prompts(self, path, log=None):
+    def load_prompts(self, path, log=None):
         """The prompts of `path`, rendered with the generation prompt. A prompt the chat template
         refuses is skipped and counted; one over max_prompt_len keeps its end and is counted."""
         out, skipped, cut = [], [], 0
-        for where, rec in read_data(path, self.cfg.data):
-            if "prompt" in rec:
-                p = rec["prompt"]
-                msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p
-            elif "messages" in rec:
-                msgs = rec["messages"]
-            else:
-                raise DataError(f"{where}: a GRPO record needs \"prompt\" (a string or messages) or \"messages\"")
-            if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-                raise DataError(f"{where}: the prompt must be a string or a list of {{role, content}} messages")
-            msgs = [{"role": self.cfg.data.roles.get(m["role"], m["role"]), "content": m["content"]} for m in msgs]
+        for p in read_prompts(path, self.cfg.data):
+            where, rec, msgs = p.where, p.record, p.messages
             try:
-                text = render(self.tok, msgs, add_generation_prompt=True, where=where)
+                text = chat_text(self.tok, msgs, add_generation_prompt=True, where=where)
             except TemplateError as e:
                 skipped.append(str(e))
                 continue
@@ -219,12 +234,8 @@ class GRPOTask:
         tok, g, dev = self.tok, self.g, self.dev
         G = g.num_generations
         t0 = time.perf_counter()
-        P = max(len(p["ids"]) for p in prompts)
-        ids = torch.full((len(prompts) * G, P), tok.pad_token_id)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding, each prompt repeated G times
-            ids[i * G : (i + 1) * G, P - len(p["ids"]) :] = torch.tensor(p["ids"])
-            mask[i * G : (i + 1) * G, P - len(p["ids"]) :] = 1
+        ids, mask = left_pad([p["ids"] for p in prompts], tok.pad_token_id, repeat=G)  # each prompt G times
+        P = ids.shape[1]
         was_training = model.training
         model.eval()
         from .rollout import Sampling
@@ -309,7 +320,7 @@ class GRPOTask:
         if not self.cfg.data.eval:
             return None
         if self.eval_prompts is None:
-            self.eval_prompts = self._load_prompts(self.cfg.data.eval)
+            self.eval_prompts = self.load_prompts(self.cfg.data.eval)
         return score(self, model, self.eval_prompts)
 
 
@@ -340,3 +351,22 @@ def train_grpo(cfg, log=print) -> dict:
     from .train import train
 
     return train(cfg, GRPOTask, log)
+
+
+def check(cfg, tok):
+    """`fasttune check`: the prompts, and every reward function tried on them."""
+    task = GRPOTask(cfg, tok, print)  # reads the prompts and tries every reward function
+    p = task.prompts[0]
+    print(f"  first prompt ({p['where']}), as the model sees it:\n    " + p["text"].replace("\n", "\n    "))
+    print("ok: the config, the prompts and the reward functions are valid")
+
+
+def metrics(cfg, tok, model, dev, split, log):
+    """`fasttune eval`: each reward function's mean over `num_generations` samples per prompt, and their
+    weighted total."""
+    task = GRPOTask(cfg, tok, log)
+    task.setup(model, dev, None)
+    prompts = task.load_prompts(cfg.data.eval) if cfg.data.eval else task.prompts
+    torch.manual_seed(cfg.train.seed)
+    return {**score(task, model, prompts), "eval_prompts": len(prompts),
+            "eval_samples": len(prompts) * cfg.grpo.num_generations}

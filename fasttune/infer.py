@@ -3,11 +3,12 @@
 - `load(target, base=False)`: a run folder (its last checkpoint), a checkpoint folder, a merged
   folder (`fasttune merge`) or any model folder or hub id. A run's model is loaded as it was trained:
   its base (4-bit for QLoRA) with the checkpoint's adapter; `base=True` gives the base alone.
-- `read_prompts(path)`: JSON or JSONL records with `prompt` (a string or messages) or `messages`.
 - `generate(...)`: batched sampling (left-padded, KV cache) of `num_samples` completions per prompt,
   each prompt rendered with the chat template and its generation prompt, as in training. An adapter
   run samples from a merged dense copy (fasttune/rollout.py) when it fits, as GRPO's rollouts do.
 - `chat(...)`: a multi-turn conversation on the terminal, tokens streamed as they come.
+
+A run or checkpoint folder is found by `checkpoint.run_of`; prompt files are read by fasttune/prompts.py.
 """
 
 import json
@@ -19,7 +20,8 @@ import torch
 
 from . import builtin, checkpoint
 from .config import ConfigError
-from .data import DataError, stop_token_ids
+from .masks import stop_token_ids
+from .prompts import left_pad, prompt_ids
 
 
 @dataclass
@@ -28,27 +30,6 @@ class Loaded:
     tok: object
     what: str  # one line: what was loaded
     cfg: object = None  # the run's config, when it came from a run
-
-
-def _run_of(target: str):
-    """(run config, checkpoint folder) for a run or checkpoint folder; (None, None) for anything else."""
-    from .config import load_config
-
-    path = Path(target)
-    warn = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    if checkpoint.is_checkpoint(path):
-        ck, run = checkpoint.pick(path, warn), path.parent.parent
-    elif (path / "config.toml").is_file() and (path / "checkpoints").is_dir():
-        run, ck = path, checkpoint.pick(path, warn)
-        if ck is None:
-            raise ConfigError(f"{path}: a run folder without a complete checkpoint (checkpoints/ has none); "
-                              "train it first, or name a checkpoint folder")
-    else:
-        return None, None
-    if not (run / "config.toml").is_file():
-        raise ConfigError(f"{ck}: a checkpoint outside its run folder (no {run / 'config.toml'}); "
-                          "keep checkpoints inside the run's output_dir")
-    return load_config(run / "config.toml"), ck
 
 
 def check_adapter(cfg, ck):
@@ -86,7 +67,7 @@ def load(target: str, dev, *, base=False) -> Loaded:
     from .config import SFTConfig
     from .models import load_tokenizer
 
-    cfg, ck = _run_of(target)
+    cfg, ck = checkpoint.run_of(target)
     if cfg is not None:
         quant = ", 4-bit" if cfg.model.finetune == "lora" and cfg.model.load_in_4bit else ""
         what = (f"{cfg.model.path}{quant}, base only (--base)" if base else
@@ -105,34 +86,6 @@ def load(target: str, dev, *, base=False) -> Loaded:
 
     model = load_model(cfg, dev, trainable=False, lora=False, quiet=True).eval()
     return Loaded(model, load_tokenizer(cfg.model), f"{target} (a plain model{', --base has no effect' if base else ''})", cfg)
-
-
-# ---- prompts --------------------------------------------------------------------------------------
-
-def read_prompts(path) -> list[dict]:
-    """[{"where", "messages", "prompt"}]: the records of a JSON or JSONL prompt file."""
-    from .sources import read_data
-
-    out = []
-    for where, rec in read_data(str(path), None):
-        p = rec.get("prompt", rec.get("messages")) if isinstance(rec, dict) else None
-        if p is None:
-            raise DataError(f"{where}: a prompt record needs \"prompt\" (a string or messages) or \"messages\"")
-        msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str)
-                                                 for m in msgs):
-            raise DataError(f"{where}: the prompt must be a string or a list of {{role, content}} messages")
-        if not msgs or not any(m["content"].strip() for m in msgs):
-            raise DataError(f"{where}: the prompt is empty")
-        out.append({"where": where, "messages": msgs, "prompt": p})
-    if not out:
-        raise DataError(f"{path}: no prompts in it")
-    return out
-
-
-def render(tok, messages) -> list[int]:
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 # ---- generation -----------------------------------------------------------------------------------
@@ -154,17 +107,12 @@ def generate(model, tok, prompts, *, max_new_tokens=256, temperature=0.7, top_p=
     stops = stop_token_ids(tok, model)
     rollouts = for_inference(model, weights)
     sampling = Sampling(max_new_tokens, temperature, top_p, stops, tok.pad_token_id, top_k=None)
-    ids = [render(tok, m) for m in prompts]
+    ids = [prompt_ids(tok, m) for m in prompts]
     jobs = [(i, k) for i in range(len(ids)) for k in range(num_samples)]
     out = [[None] * num_samples for _ in ids]
     for s in range(0, len(jobs), batch_size):
         chunk = jobs[s : s + batch_size]
-        P = max(len(ids[i]) for i, _ in chunk)
-        x = torch.full((len(chunk), P), tok.pad_token_id)
-        mask = torch.zeros_like(x)
-        for r, (i, _) in enumerate(chunk):
-            x[r, P - len(ids[i]):] = torch.tensor(ids[i])
-            mask[r, P - len(ids[i]):] = 1
+        x, mask = left_pad([ids[i] for i, _ in chunk], tok.pad_token_id)
         y = rollouts.generate(model, x.to(dev), mask.to(dev), sampling)
         for r, (i, k) in enumerate(chunk):
             comp = y[r].tolist()
@@ -213,7 +161,7 @@ def chat(model, tok, *, inp=sys.stdin, out=sys.stdout, max_new_tokens=512, tempe
         history.append({"role": "user", "content": line})
         while True:  # the oldest exchanges go first when the conversation outgrows the context
             msgs = ([{"role": "system", "content": system}] if system else []) + history
-            ids = render(tok, msgs)
+            ids = prompt_ids(tok, msgs)
             if not context or len(ids) + max_new_tokens <= context or len(history) == 1:
                 break
             history = history[2:]

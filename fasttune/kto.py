@@ -17,7 +17,7 @@ import torch
 from fasttune.kernels import linear_logprobs
 from fasttune.kernels.kto import kto_kl, kto_loss
 
-from .batches import padded_batch
+from .batches import UnpairedBatch, padded_batch
 from .config import ConfigError
 from .models import final_hidden
 from .unpaired import load_unpaired, mismatched
@@ -44,7 +44,7 @@ class KTOTask:
         self.items, report = load_unpaired(cfg.data.train, tok, cfg.data, self.k)
         log(report.summary())
         self.eval_items = load_unpaired(cfg.data.eval, tok, cfg.data, self.k)[0] if cfg.data.eval else None
-        from .train import Stream, shuffled_groups
+        from .batches import Stream, shuffled_groups
 
         plan = shuffled_groups(len(self.items), cfg.train.micro_batch_size, cfg.train.seed)
         self.stream = Stream(plan, lambda g: self.batch(self.items, g))
@@ -52,9 +52,8 @@ class KTOTask:
     def batch(self, items, group):
         chosen = [items[i] for i in group]
         b = padded_batch([it.example for it in chosen], self.tok.pad_token_id)
-        b.desirable = torch.tensor([it.desirable for it in chosen])
-        b.kl = padded_batch(mismatched(chosen, self.k.max_len), self.tok.pad_token_id) if self.k.loss_type == "kto" else None
-        return b
+        kl = padded_batch(mismatched(chosen, self.k.max_len), self.tok.pad_token_id) if self.k.loss_type == "kto" else None
+        return UnpairedBatch(**vars(b), desirable=torch.tensor([it.desirable for it in chosen]), kl=kl)
 
     def count(self, batch):
         return len(batch.desirable)

@@ -226,7 +226,7 @@ def metrics(cfg, tok, model, dev, split, log):
     """`fasttune eval`: the mean rewards of the policy's samples on the held-out prompts (no critic)."""
     task = PPOTask(cfg, tok, log)
     GRPOTask.setup(task, model, dev, None)
-    prompts = task._load_prompts(cfg.data.eval) if split == "eval" else task.prompts
+    prompts = task.load_prompts(cfg.data.eval) if split == "eval" else task.prompts
     torch.manual_seed(cfg.train.seed)
     return {**score(task, model, prompts), "eval_prompts": len(prompts),
             "eval_samples": len(prompts) * cfg.ppo.num_generations}

@@ -9,14 +9,16 @@ Formats (JSON or JSONL, detected per file unless `data.format` says):
   turns are plain history;
 - openai: {"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}.
 
-Each side is tokenized as prompt + response with the SFT machinery (masks by construction); only
+Each side is tokenized as prompt + response with the chat-template masks (fasttune/masks.py); only
 the response's tokens are trained.
 """
 
 from dataclasses import dataclass, field
 
-from .data import IGNORE, SHAREGPT_ROLES, DataError, Example, TemplateError, listed, tokenize_conversation
-from .sources import read_data
+from .data import Example, left_out
+from .formats import SHAREGPT_ROLES, as_messages
+from .masks import IGNORE, TemplateError, tokenize_conversation
+from .sources import DataError, read_data
 
 
 @dataclass
@@ -50,14 +52,7 @@ class PairReport:
         L = sorted(self.lengths) or [0]
         lines = [f"{self.path}: {self.pairs} pairs ({self.format}); tokens per side: min {L[0]}, "
                  f"median {L[len(L) // 2]}, max {L[-1]}"]
-        if self.truncated or self.dropped:
-            lines.append(f"  over dpo.max_len / max_prompt_len: {self.truncated} truncated, {self.dropped} dropped")
-        if self.skipped:
-            lines.append(f"  {len(self.skipped)} pairs skipped because their masks cannot be built:" + listed(self.skipped))
-        if self.fully_masked:
-            lines.append(f"  {len(self.fully_masked)} pairs have a side with no trained token and are skipped, "
-                         f"e.g. {self.fully_masked[0]}")
-        return "\n".join(lines)
+        return "\n".join(lines + left_out(self, "dpo.max_len / max_prompt_len", "pairs ", "pairs have a side with"))
 
 
 def detect(record) -> str | None:
@@ -71,27 +66,19 @@ def detect(record) -> str | None:
     return None
 
 
-def _messages(value, role, where, what, roles):
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        return [{"role": roles.get(m["role"], m["role"]), "content": m["content"]} for m in value]
-    raise DataError(f"{where}: {what} must be a string or a list of {{role, content}} messages")
-
-
 def record_pairs(record, fmt, where, roles) -> list[Pair]:
     if fmt == "prompt_chosen_rejected":
-        return [Pair(_messages(record["prompt"], "user", where, "prompt", roles) if "prompt" in record else [],
-                     _messages(record["chosen"], "assistant", where, "chosen", roles),
-                     _messages(record["rejected"], "assistant", where, "rejected", roles), where)]
+        return [Pair(as_messages(record["prompt"], "user", where, "prompt", roles) if "prompt" in record else [],
+                     as_messages(record["chosen"], "assistant", where, "chosen", roles),
+                     as_messages(record["rejected"], "assistant", where, "rejected", roles), where)]
     if fmt == "openai":
         inp = record.get("input")
         msgs = inp.get("messages") if isinstance(inp, dict) else None
         if msgs is None:
             raise DataError(f"{where}: 'input' must be an object with 'messages'")
-        return [Pair(_messages(msgs, "user", where, "input.messages", roles),
-                     _messages(record["preferred_output"], "assistant", where, "preferred_output", roles),
-                     _messages(record["non_preferred_output"], "assistant", where, "non_preferred_output", roles), where)]
+        return [Pair(as_messages(msgs, "user", where, "input.messages", roles),
+                     as_messages(record["preferred_output"], "assistant", where, "preferred_output", roles),
+                     as_messages(record["non_preferred_output"], "assistant", where, "non_preferred_output", roles), where)]
     pairs, history, chosen, rejected = [], [], None, None
 
     def close(turn):
@@ -129,7 +116,7 @@ def record_pairs(record, fmt, where, roles) -> list[Pair]:
     return pairs
 
 
-def _fit(ids, labels, max_prompt_len, max_len):
+def fit_lengths(ids, labels, max_prompt_len, max_len):
     """Cut the prompt from the left to max_prompt_len, then the response to what max_len leaves."""
     first = next((i for i, lab in enumerate(labels) if lab != IGNORE), len(labels))
     keep = max(0, first - max_prompt_len)
@@ -171,7 +158,7 @@ def load_pairs(path, tokenizer, data_cfg, dpo_cfg) -> tuple[list[PairExample], P
                 if data_cfg.overlong == "drop":
                     report.dropped += 1
                     continue
-                sides = [_fit(ids, lb, dpo_cfg.max_prompt_len, dpo_cfg.max_len) for ids, lb in sides]
+                sides = [fit_lengths(ids, lb, dpo_cfg.max_prompt_len, dpo_cfg.max_len) for ids, lb in sides]
                 report.truncated += 1
             if any(all(lab == IGNORE for lab in lb[1:]) for _, lb in sides):
                 report.fully_masked.append(pair.where)

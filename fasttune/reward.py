@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .batches import padded_batch
+from .batches import padded_batch, pair_batch
 from .config import ConfigError
-from .data import TemplateError, tokenize_conversation
+from .masks import TemplateError, tokenize_conversation
 from .preference import load_pairs
 
 
@@ -95,7 +95,7 @@ class RewardTask:
         self.pairs, report = load_pairs(cfg.data.train, tok, cfg.data, self.r)
         log(report.summary())
         self.eval_pairs = load_pairs(cfg.data.eval, tok, cfg.data, self.r)[0] if cfg.data.eval else None
-        from .train import Stream, shuffled_groups
+        from .batches import Stream, shuffled_groups
 
         plan = shuffled_groups(len(self.pairs), cfg.train.micro_batch_size, cfg.train.seed)
         self.stream = Stream(plan, lambda g: self.batch(self.pairs, g))
@@ -104,11 +104,7 @@ class RewardTask:
         """Nothing to prepare: the model comes with its head (TaskSpec.model)."""
 
     def batch(self, pairs, group):
-        b = padded_batch([pairs[i].chosen for i in group] + [pairs[i].rejected for i in group], self.tok.pad_token_id)
-        margins = [pairs[i].margin for i in group]
-        b.margin = None if all(m is None for m in margins) else torch.tensor([m or 0.0 for m in margins])
-        b.pairs = len(group)
-        return b
+        return pair_batch(pairs, group, self.tok.pad_token_id)
 
     def count(self, batch):
         return batch.pairs
@@ -157,11 +153,11 @@ class RewardModel:
     is rendered with the reward model's own chat template and tokenizer, whatever the policy's."""
 
     def __init__(self, path, dev, key="grpo.reward_models", batch_size=8):
-        from .infer import _run_of
+        from .checkpoint import run_of
         from .models import load_tokenizer
 
         try:
-            cfg, ck = _run_of(str(path))
+            cfg, ck = run_of(str(path))
         except ConfigError as e:
             raise ConfigError(f"{key}: {path!r} is not a reward model ({e})") from None
         if cfg is None or not hasattr(cfg, "reward"):

@@ -2,6 +2,9 @@
 
     read_data(spec, data_cfg) -> [(where, record)]
 
+Every reader of records (SFT examples, preference pairs, prompts) comes through here, and every
+problem with the data is a DataError naming the file and the line or record.
+
 `spec` is `data.train` or `data.eval`:
 - a .json / .jsonl file: read here, `where` is "file:line" (JSONL) or "file: record i";
 - a .parquet, .csv or .arrow file, a folder written by `Dataset.save_to_disk`, or a folder of such
@@ -13,11 +16,49 @@
 for fields some rows lack) are dropped, so a row reads like the JSON record it came from.
 """
 
+import json
 from pathlib import Path
 
-from .data import DataError, read_records
-
 TABLES = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+
+
+class DataError(ValueError):
+    """A problem with the data, naming the file, the line or record, and what to do."""
+
+
+def read_records(path) -> list[tuple[str, dict]]:
+    """[(where, record)] from a JSON list or a JSONL file; `where` is "file:line" for errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        out = []
+        for i, rec in enumerate(data):
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}: record {i} is a {type(rec).__name__}, expected an object")
+            out.append((f"{path}: record {i}", rec))
+        return out
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
+                            "JSON object") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+        out.append((f"{path}:{n}", rec))
+    return out
 
 
 def read_data(spec: str, data_cfg) -> list[tuple[str, dict]]:

@@ -1,16 +1,15 @@
 """The task interface and the registry of commands.
 
-Each training command (`fasttune sft|dpo|grpo`) is one task: a config schema (config.py) and a class
-that implements `Task` below. `TASKS` maps the command's name to them. The CLI, config loading,
-`fasttune check`, `fasttune eval`, checkpoints and the training loop ask this registry (or the task
-object) what to do; none of them tests a task's name or knows its metric keys.
+Each training command (`fasttune sft|dpo|grpo|kto|reward|ppo`) is one task: a config schema
+(config.py) and a class that implements `Task` below. `TASKS` maps the command's name to them. The
+CLI, config loading, `fasttune check`, `fasttune eval`, checkpoints and the training loop ask this
+registry (or the task object) what to do; none of them tests a task's name or knows its metric keys.
 
 The registry stores "module:attribute" references, imported only when a command needs them, so that
 reading a config or listing the commands does not import torch or transformers.
 
 Adding a task (CONTRIBUTING.md has the steps): one module with the task class, its `check` and
-`metrics` functions, and one `TaskSpec` line in `TASKS`. (The first three commands keep theirs in
-fasttune/checks.py and fasttune/evaluation.py.)
+`metrics` functions, and one `TaskSpec` line in `TASKS`.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ class Task(Protocol):
     # metrics that are seconds per micro-batch spent outside training (sampling, say): the loop reports them
     # per step, and training_s, the step's time without them
     timings: ClassVar[tuple[str, ...]]
-    stream: Any  # train.Stream: endless micro-batches, with a position that checkpoints restore
+    stream: Any  # batches.Stream: endless micro-batches, with a position that checkpoints restore
     # set by the loop before the first step: run(fn, *args) calls fn(model, *args) on the wrapped
     # (DDP/FSDP2) model, for a task that needs the model outside `loss` (GRPO samples with it)
     run: Callable[..., Any] | None
@@ -71,14 +70,14 @@ class TaskSpec:
 
 
 TASKS: dict[str, TaskSpec] = {
-    "sft": TaskSpec("fasttune.config:SFTConfig", "fasttune.train:SFTTask", None,
-                    "supervised fine-tuning from a TOML config", "fasttune.checks:check_sft", "fasttune.evaluation:sft_metrics"),
+    "sft": TaskSpec("fasttune.config:SFTConfig", "fasttune.sft:SFTTask", None,
+                    "supervised fine-tuning from a TOML config", "fasttune.sft:check", "fasttune.sft:metrics"),
     "dpo": TaskSpec("fasttune.config:DPOConfig", "fasttune.dpo:DPOTask", "dpo",
                     "preference training (DPO) from a TOML config with a [dpo] section",
-                    "fasttune.checks:check_dpo", "fasttune.evaluation:dpo_metrics"),
+                    "fasttune.dpo:check", "fasttune.dpo:metrics"),
     "grpo": TaskSpec("fasttune.config:GRPOConfig", "fasttune.grpo:GRPOTask", "grpo",
                      "online RL (GRPO) with reward functions, from a config with a [grpo] section",
-                     "fasttune.checks:check_grpo", "fasttune.evaluation:grpo_metrics"),
+                     "fasttune.grpo:check", "fasttune.grpo:metrics"),
     "kto": TaskSpec("fasttune.config:KTOConfig", "fasttune.kto:KTOTask", "kto",
                     "KTO on completions labelled desirable or not, from a config with a [kto] section",
                     "fasttune.kto:check", "fasttune.kto:metrics"),

@@ -8,15 +8,17 @@ Formats (JSON or JSONL, detected per file unless `data.format` says):
   preferred_output), only with `kto.from_pairs = true`: each pair gives its chosen response as a
   desirable completion and its rejected one as an undesirable completion.
 
-Each example is tokenized as prompt + completion with the SFT machinery; only the completion's
-tokens are trained. `mismatched` builds TRL's KL sequences: prompt i with completion i-1.
+Each example is tokenized as prompt + completion with the chat-template masks (fasttune/masks.py);
+only the completion's tokens are trained. `mismatched` builds TRL's KL sequences: prompt i with completion i-1.
 """
 
 from dataclasses import dataclass, field
 
-from .data import IGNORE, DataError, Example, TemplateError, listed, tokenize_conversation
-from .preference import _fit, _messages, detect as detect_pairs, record_pairs
-from .sources import read_data
+from .data import Example, left_out
+from .formats import as_messages
+from .masks import IGNORE, TemplateError, tokenize_conversation
+from .sources import DataError, read_data
+from .preference import detect as detect_pairs, fit_lengths, record_pairs
 
 
 @dataclass
@@ -42,13 +44,7 @@ class UnpairedReport:
         L = sorted(self.lengths) or [0]
         lines = [f"{self.path}: {self.desirable + self.undesirable} completions ({self.format}): {self.desirable} "
                  f"desirable, {self.undesirable} undesirable; tokens: min {L[0]}, median {L[len(L) // 2]}, max {L[-1]}"]
-        if self.truncated or self.dropped:
-            lines.append(f"  over kto.max_len / max_prompt_len: {self.truncated} truncated, {self.dropped} dropped")
-        if self.skipped:
-            lines.append(f"  {len(self.skipped)} skipped because their masks cannot be built:" + listed(self.skipped))
-        if self.fully_masked:
-            lines.append(f"  {len(self.fully_masked)} have no trained token and are skipped, e.g. {self.fully_masked[0]}")
-        return "\n".join(lines)
+        return "\n".join(lines + left_out(self, "kto.max_len / max_prompt_len", "", "have"))
 
 
 def detect(record) -> str | None:
@@ -63,8 +59,8 @@ def record_examples(record, fmt, where, roles) -> list[tuple[list, list, bool, s
         label = record["label"]
         if not isinstance(label, bool):
             raise DataError(f"{where}: 'label' must be true or false, got {label!r}")
-        prompt = _messages(record["prompt"], "user", where, "prompt", roles) if "prompt" in record else []
-        return [(prompt, _messages(record["completion"], "assistant", where, "completion", roles), label, where)]
+        prompt = as_messages(record["prompt"], "user", where, "prompt", roles) if "prompt" in record else []
+        return [(prompt, as_messages(record["completion"], "assistant", where, "completion", roles), label, where)]
     return [(p.prompt, side, good, p.where) for p in record_pairs(record, fmt, where, roles)
             for side, good in ((p.chosen, True), (p.rejected, False))]
 
@@ -96,7 +92,7 @@ def load_unpaired(path, tokenizer, data_cfg, kto_cfg) -> tuple[list[Unpaired], U
                 if data_cfg.overlong == "drop":
                     report.dropped += 1
                     continue
-                ids, labels = _fit(ids, labels, kto_cfg.max_prompt_len, kto_cfg.max_len)
+                ids, labels = fit_lengths(ids, labels, kto_cfg.max_prompt_len, kto_cfg.max_len)
                 report.truncated += 1
             if all(lab == IGNORE for lab in labels[1:]):
                 report.fully_masked.append(at)

@@ -12,7 +12,7 @@ import torch
 
 from fasttune.cli import main
 from fasttune.config import load_config
-from fasttune.train import train_sft
+from fasttune.sft import train_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -6,8 +6,10 @@ import pytest
 
 from fasttune.builtin import byte_tokenizer
 from fasttune.config import DataConfig
-from fasttune.data import (IGNORE, DataError, load_sft, packing_efficiency, packing_rows, read_records,
-                           tokenize_conversation)
+from fasttune.batches import packing_efficiency, packing_rows
+from fasttune.data import load_sft
+from fasttune.masks import IGNORE, tokenize_conversation
+from fasttune.sources import DataError, read_records
 
 TOK = byte_tokenizer()
 

@@ -41,7 +41,7 @@ def in_process(command, config, out, *extra):
     """One process (no torchrun), as `fasttune COMMAND` runs it."""
     from fasttune.dpo import train_dpo
     from fasttune.grpo import train_grpo
-    from fasttune.train import train_sft
+    from fasttune.sft import train_sft
 
     train = {"sft": train_sft, "dpo": train_dpo, "grpo": train_grpo}[command]
     return train(load_config(EXAMPLES / config, sets(out, *extra)), log=lambda *_: None)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from fasttune.builtin import byte_tokenizer
 from fasttune.cli import main
 from fasttune.config import DPOConfig, PrefDataConfig, DPOSection, load_config
-from fasttune.data import IGNORE, DataError
+from fasttune.masks import IGNORE
+from fasttune.sources import DataError
 from fasttune.dpo import DPOTask, train_dpo
 from fasttune.models import load_model, load_tokenizer
 from fasttune.preference import load_pairs
@@ -168,7 +169,7 @@ def test_demo_learns_and_resumes_exactly(tmp_path):
 def test_start_from_an_sft_adapter(tmp_path):
     """With model.adapter, the reference is that adapter: at the first step policy = reference, rewards 0."""
     from fasttune.config import SFTConfig
-    from fasttune.train import train_sft
+    from fasttune.sft import train_sft
 
     sft = load_config(ROOT / "examples/sft.toml", [f'run.output_dir={json.dumps(str(tmp_path / "sft"))}',
                                                    "train.max_steps=3", 'data.eval=""', "model.load_in_4bit=false",

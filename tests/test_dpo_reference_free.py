@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fasttune.cli import main
 from fasttune.config import DPOConfig, load_config
-from fasttune.data import IGNORE
+from fasttune.masks import IGNORE
 from fasttune.dpo import DPOTask, train_dpo
 from fasttune.models import load_model, load_tokenizer
 

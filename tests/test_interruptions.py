@@ -19,7 +19,7 @@ import torch
 from fasttune import checkpoint
 from fasttune.checkpoint import CheckpointError
 from fasttune.config import load_config
-from fasttune.train import train_sft
+from fasttune.sft import train_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -174,8 +174,8 @@ def test_a_damaged_latest_checkpoint_is_skipped_everywhere(tmp_path, trained, na
     import shutil
 
     from fasttune.cli import main
-    from fasttune.evaluation import _target
-    from fasttune.infer import _run_of
+    from fasttune.checkpoint import run_of
+    from fasttune.evaluation import eval_target
 
     out = tmp_path / "run"
     shutil.copytree(trained, out)
@@ -192,10 +192,10 @@ def test_a_damaged_latest_checkpoint_is_skipped_everywhere(tmp_path, trained, na
 
     # merge, generate/chat (infer) and eval pick the same way; naming the damaged one is one clear error
     damage(out / "checkpoints" / "step-000005" / name, how)  # the resumed run's own last one, damaged alike
-    assert _run_of(str(out))[1] == out / "checkpoints" / "step-000004"
-    assert _target(sft_config(out), None, log=lambda *_: None)[0] == out / "checkpoints" / "step-000004"
+    assert run_of(str(out))[1] == out / "checkpoints" / "step-000004"
+    assert eval_target(sft_config(out), None, log=lambda *_: None)[0] == out / "checkpoints" / "step-000004"
     with pytest.raises(CheckpointError, match=rf"fails its check, nothing was loaded from it: {bad.parent / 'step-000005' / name}"):
-        _run_of(str(out / "checkpoints" / "step-000005"))
+        run_of(str(out / "checkpoints" / "step-000005"))
     assert main(["merge", str(out / "checkpoints" / "step-000005"), "--out", str(tmp_path / "merged")]) == 2
     assert not (tmp_path / "merged").exists()
 

@@ -10,7 +10,7 @@ import torch
 from fasttune.builtin import byte_tokenizer
 from fasttune.cli import main
 from fasttune.config import KTOConfig, load_config
-from fasttune.data import IGNORE
+from fasttune.masks import IGNORE
 from fasttune.kernels import kto_loss
 from fasttune.kernels.kto import LOSS_TYPES, kto_kl
 from reference import logprobs_reference, rel_err

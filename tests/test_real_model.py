@@ -255,7 +255,7 @@ FINAL_LINE = re.compile(r"\n#### \d+\s*$")
 @pytest.fixture(scope="module")
 def sft_run(gguf, tmp_path_factory):
     """examples/smollm2/sft.toml (QLoRA), 6 steps of 4 packed examples."""
-    from fasttune.train import train_sft
+    from fasttune.sft import train_sft
 
     tmp = tmp_path_factory.mktemp("sft")
     cfg = example("sft", tmp, "train.max_steps=6", "train.micro_batch_size=256", "run.eval_every=0",

@@ -228,7 +228,7 @@ def test_an_out_of_memory_with_the_copy_falls_back_to_live_once(tmp_path):
 
 def test_generate_on_an_adapter_run_uses_the_merged_copy(tmp_path):
     """`fasttune generate` on a QLoRA run: the merged copy (said on stderr) gives the live model's greedy text."""
-    from fasttune.train import train_sft
+    from fasttune.sft import train_sft
 
     sets = [f"run.output_dir={json.dumps(str(tmp_path / 'run'))}", "train.max_steps=3", "run.save_every=3",
             f"data.train={json.dumps(str(ROOT / 'examples/data/sft_alpaca.jsonl'))}", 'data.eval=""']

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from fasttune.batches import packed_batch
 from fasttune.cli import main
 from fasttune.config import load_config
-from fasttune.data import IGNORE, load_sft
+from fasttune.data import load_sft
+from fasttune.masks import IGNORE
 from fasttune.kernels import revert
 from fasttune.models import load_model, load_tokenizer
-from fasttune.train import SFTTask, train_sft
+from fasttune.sft import SFTTask, train_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"

@@ -10,9 +10,9 @@ import pytest
 
 from fasttune.builtin import byte_tokenizer as builtin_tokenizer
 from fasttune.config import DataConfig, PrefDataConfig
-from fasttune.data import DataError, load_sft
+from fasttune.data import load_sft
+from fasttune.sources import DataError, read_data
 from fasttune.preference import load_pairs
-from fasttune.sources import read_data
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 ROWS = [json.loads(line) for line in open(DATA / "sft_alpaca.jsonl")][:12]

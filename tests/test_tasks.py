@@ -15,7 +15,7 @@ from fasttune import tasks
 from fasttune.cli import main
 from fasttune.config import SFTConfig, load_config
 from fasttune.tasks import TASKS, Task, TaskSpec
-from fasttune.train import SFTTask
+from fasttune.sft import SFTTask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def check_toy(cfg, tok):
 def test_a_new_task_is_one_module_and_one_registry_line(tmp_path, monkeypatch, capsys):
     here = __name__
     monkeypatch.setitem(TASKS, "toy", TaskSpec(f"{here}:ToyConfig", f"{here}:ToyTask", "toy", "a toy command",
-                                               f"{here}:check_toy", "fasttune.evaluation:sft_metrics"))
+                                               f"{here}:check_toy", "fasttune.sft:metrics"))
     body = (ROOT / "examples" / "sft.toml").read_text().replace('"examples/', f'"{ROOT}/examples/')
     toml = tmp_path / "toy.toml"
     toml.write_text(body + "\n[toy]\nweight = 0.5\n")

@@ -11,7 +11,8 @@ import json
 import pytest
 
 import real_tokenizers
-from fasttune.data import IGNORE, TemplateError, load_sft, tokenize_conversation
+from fasttune.data import load_sft
+from fasttune.masks import IGNORE, TemplateError, tokenize_conversation
 
 EOT = {"qwen3": "<|im_end|>", "qwen2.5": "<|im_end|>", "llama3": "<|eot_id|>", "gemma3": "<end_of_turn>",
        "gemma2": "<end_of_turn>", "deepseek_v3": "<｜end▁of▁sentence｜>", "mistral": "</s>", "phi3": "<|end|>",
@@ -199,7 +200,7 @@ def test_a_record_the_template_refuses_is_skipped_and_counted(tmp_path):
 def test_generation_stops_at_the_templates_end_of_turn(family):
     """Generation (GRPO sampling, generate, chat) stops at the token that ends an assistant turn in the
     template, which training teaches, as well as at eos: Phi-3 ends turns with <|end|>, not eos."""
-    from fasttune.data import stop_token_ids
+    from fasttune.masks import stop_token_ids
 
     fam, tok = family
     stops = stop_token_ids(tok)

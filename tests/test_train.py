@@ -17,7 +17,8 @@ from fasttune.cli import main
 from fasttune.config import load_config
 from fasttune.data import load_sft
 from fasttune.models import load_model, load_tokenizer
-from fasttune.train import TrainingError, train_sft
+from fasttune.sft import train_sft
+from fasttune.train import TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"

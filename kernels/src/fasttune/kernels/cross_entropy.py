@@ -53,7 +53,9 @@ from ._backend import Op, aot_signature, chunk_rows, empty, pick_backend, tl, tr
 ROW_TILES = ((1024, 4), (2048, 8), (4096, 16))
 
 
-class _Opts(NamedTuple):
+class HeadOptions(NamedTuple):
+    """The options of one head op call (`head_op`), which logprobs.py shares."""
+
     backend: str  # "triton" | "torch"
     chunk: int  # rows per chunk
     eps: float = 0.0  # label smoothing
@@ -188,7 +190,7 @@ def _ce_rows_kernel(
                 tl.store(grad_ptr + offs, zero.to(grad_ptr.dtype.element_ty), mask=offs < V)
 
 
-def _rows_triton(logits, grad, labels, weights, o: _Opts):
+def _rows_triton(logits, grad, labels, weights, o: HeadOptions):
     C, V = logits.shape
     loss, lse, correct = (empty(C, dtype=torch.float32, device=logits.device) for _ in range(3))
     entropy = empty(C, dtype=torch.float32, device=logits.device) if o.entropy else None
@@ -228,7 +230,7 @@ def gpu_variants():
 # --------------------------------------------------------------------------------------------
 
 
-def _rows_torch(logits, grad, labels, weights, o: _Opts):
+def _rows_torch(logits, grad, labels, weights, o: HeadOptions):
     """The row function in PyTorch on one chunk: same maths and outputs as `_ce_rows_kernel`.
 
     Works in place on whatever it owns (an fp32 copy of low-precision logits, or the chunk
@@ -283,7 +285,7 @@ def _rows_torch(logits, grad, labels, weights, o: _Opts):
     return loss, lse, correct, entropy
 
 
-def _rows(logits, grad, labels, weights, o: _Opts):
+def _rows(logits, grad, labels, weights, o: HeadOptions):
     """Per-row loss, lse, correct, entropy (or None); dL/dlogits into `grad` unless it is None."""
     fn = _rows_triton if o.backend == "triton" else _rows_torch
     return fn(logits, grad, labels, weights, o)
@@ -313,7 +315,7 @@ def _add_grad_weight(acc, g, h):
         acc[v0 : v0 + step] += (g[:, v0 : v0 + step].t() @ h).float()
 
 
-def _linear_ce_chunks(h, w, b, labels, weights, rows, o: _Opts, need_gh, need_gw, need_gb):
+def _linear_ce_chunks(h, w, b, labels, weights, rows, o: HeadOptions, need_gh, need_gw, need_gb):
     """Run the head over the rows `rows` of h (None: all) a chunk at a time.
 
     Returns per-row loss, lse, correct, entropy ([N] fp32, 0 for rows not run; entropy None unless
@@ -400,7 +402,7 @@ def _linear_ce_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with torch.autocast(h.device.type, enabled=False):  # keep the dtypes we were given
         rows = _trained_rows(select, h.shape[0], h.device)
-        o = _Opts(backend, chunk, eps, z_loss, softcap, inv_temp, entropy, token_scaling)
+        o = HeadOptions(backend, chunk, eps, z_loss, softcap, inv_temp, entropy, token_scaling)
         labels, weights = labels.to(h.device, non_blocking=True), weights.to(h.device, non_blocking=True)
         loss, lse, correct, ent, gh, gw, gb = _linear_ce_chunks(h, w, b, labels, weights, rows, o,
                                                                 *_formed_now(reduction, need_gh, need_gw, need_gb))
@@ -467,7 +469,7 @@ def _mul(buffer, factor):
 _linear_ce = Op("linear_ce", _linear_ce_impl, _linear_ce_fake, _linear_ce_setup, _linear_ce_backward)
 
 
-def _head(h, w, b, labels, weights, select, n, reduction, o: _Opts):
+def head_op(h, w, b, labels, weights, select, n, reduction, o: HeadOptions):
     """Call the head op, asking for the gradients autograd will want."""
     grad = torch.is_grad_enabled()
     return _linear_ce(h, w, b, labels, weights, select, n, reduction, o.eps, o.z_loss, o.softcap, o.inv_temp,
@@ -480,7 +482,7 @@ def _ce_impl(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, 
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-entropy on given logits: loss, lse, correct."""
     labels, weights = labels.to(logits.device, non_blocking=True), weights.to(logits.device, non_blocking=True)
-    o = _Opts(backend, chunk, eps, z_loss, softcap, token_scaling=token_scaling)
+    o = HeadOptions(backend, chunk, eps, z_loss, softcap, token_scaling=token_scaling)
     N = logits.shape[0]
     loss, lse, correct = (empty(N, dtype=torch.float32, device=logits.device) for _ in range(3))
     for s in range(0, N, o.chunk):
@@ -499,7 +501,7 @@ def _ce_backward_impl(logits: torch.Tensor, labels: torch.Tensor, up: torch.Tens
                  softcap: float | None, token_scaling: bool, backend: str, chunk: int) -> torch.Tensor:
     """dL/dlogits for per-token upstream factors `up` (weight × upstream gradient)."""
     labels = labels.to(logits.device, non_blocking=True)
-    o = _Opts(backend, chunk, eps, z_loss, softcap, token_scaling=token_scaling)
+    o = HeadOptions(backend, chunk, eps, z_loss, softcap, token_scaling=token_scaling)
     grad = empty(*logits.shape, dtype=logits.dtype, device=logits.device)
     for s in range(0, logits.shape[0], o.chunk):
         e = min(s + o.chunk, logits.shape[0])
@@ -572,7 +574,8 @@ def _scale(grad_out, n):
     return torch.where(n != 0, grad_out / n, torch.zeros_like(grad_out))
 
 
-def _check_head(hidden, weight, bias):
+def check_head(hidden, weight, bias):
+    """hidden, weight and bias fit one head (shared with logprobs.py): a clear error if not."""
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden [..., H] and weight [V, H] do not match: {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if hidden.dtype != weight.dtype:
@@ -591,7 +594,8 @@ def _check_sft_options(class_weights, V, label_smoothing):
         raise ValueError("class_weights with label_smoothing is not supported; use one or the other")
 
 
-def _check(labels, n_rows, loss_mask, reduction, label_smoothing, z_loss, softcap, what):
+def check_args(labels, n_rows, loss_mask, reduction, label_smoothing, z_loss, softcap, what):
+    """The labels and options of a loss over `n_rows` rows of `what` (shared with logprobs.py)."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if labels.dtype not in (torch.int64, torch.int32):
@@ -692,17 +696,17 @@ def fused_linear_cross_entropy(
     chunk_size: rows per chunk (default: FASTTUNE_CHUNK_BYTES of logits). backend: "auto",
     "triton" or "torch" (default FASTTUNE_BACKEND, else by device).
     """
-    _check_head(hidden, weight, bias)
+    check_head(hidden, weight, bias)
     N = hidden.numel() // hidden.shape[-1]
-    _check(labels, N, loss_mask, reduction, label_smoothing, z_loss, softcap, "hidden")
+    check_args(labels, N, loss_mask, reduction, label_smoothing, z_loss, softcap, "hidden")
     _check_sft_options(class_weights, weight.shape[0], label_smoothing)
     h, labels, weights, select = prepare_head(hidden, weight, labels, ignore_index=ignore_index, loss_mask=loss_mask,
                                               class_weights=class_weights)
     n = _normalizer(weights, num_items, reduction, h.device)
-    o = _Opts(pick_backend(backend, h.device), chunk_rows(weight.shape[0], h.device, h.dtype, chunk_size),
+    o = HeadOptions(pick_backend(backend, h.device), chunk_rows(weight.shape[0], h.device, h.dtype, chunk_size),
               float(label_smoothing), float(z_loss), softcap, token_scaling=bool(token_scaling))
     b = None if bias is None else bias.to(h.dtype)
-    loss, lse, correct = _head(h, weight, b, labels, weights, select, n, reduction, o)[:3]
+    loss, lse, correct = head_op(h, weight, b, labels, weights, select, n, reduction, o)[:3]
     return _finish(loss, lse, correct, weights.to(h.device, non_blocking=True), return_stats)
 
 
@@ -728,7 +732,7 @@ def cross_entropy(
     gradient is written in the logits' dtype.
     """
     z = logits.reshape(-1, logits.shape[-1])
-    _check(labels, z.shape[0], loss_mask, reduction, label_smoothing, z_loss, softcap, "logits")
+    check_args(labels, z.shape[0], loss_mask, reduction, label_smoothing, z_loss, softcap, "logits")
     if z.stride(-1) != 1:
         z = z.contiguous()
     _check_sft_options(class_weights, z.shape[1], label_smoothing)

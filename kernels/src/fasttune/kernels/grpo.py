@@ -52,6 +52,42 @@ class GRPOStats(NamedTuple):
     num_tokens: torch.Tensor  # completion tokens in this call
 
 
+def _check_args(hidden, completion_ids, completion_mask, advantages, old_logps, ref_logps, beta, loss_type,
+                importance_sampling_level):
+    """grpo_loss's arguments: one ValueError naming the first that is wrong."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in IMPORTANCE_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_LEVELS}, "
+                         f"got {importance_sampling_level!r}")
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, T, H], got {tuple(hidden.shape)}")
+    B, T = hidden.shape[:2]
+    for name, t in (("completion_ids", completion_ids), ("completion_mask", completion_mask),
+                    ("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if t is not None and t.shape != (B, T):
+            raise ValueError(f"{name} must be [B, T] = [{B}, {T}], got {tuple(t.shape)}")
+    if advantages.shape not in ((B,), (B, T)):
+        raise ValueError(f"advantages must be [B] = [{B}] (one per sequence) or [B, T] = [{B}, {T}] (one per "
+                         f"token), got {tuple(advantages.shape)}")
+    if beta > 0 and ref_logps is None:
+        raise ValueError("beta > 0 needs ref_logps (the reference model's log-probs)")
+
+
+def _reduce(summed, mf, loss_type, num_items, max_completion_len):
+    """The loss from the masked per-token losses [B, T]: grpo, the mean of each sequence's mean over
+    sequences; dr_grpo, the sum over sequences × max_completion_len; dapo, bnpo and cispo, the sum over
+    tokens. `num_items` (summed over the accumulated batch) replaces this call's count when given."""
+    B, dev = summed.shape[0], summed.device
+    if loss_type == "grpo":
+        per_seq = summed.sum(-1) / mf.sum(-1).clamp_min(1)
+        return per_seq.sum() / _count(num_items, B, dev)
+    if loss_type == "dr_grpo":
+        return summed.sum() / (_count(num_items, B, dev) * max_completion_len)
+    n = _count(num_items, mf.sum(), dev)  # dapo, bnpo, cispo
+    return torch.where(n > 0, summed.sum() / n.clamp_min(1e-12), summed.sum() * 0)
+
+
 def grpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -80,23 +116,9 @@ def grpo_loss(
     model's final logit softcap (Gemma 2), applied before the temperature.
     Returns (loss, GRPOStats).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if importance_sampling_level not in IMPORTANCE_LEVELS:
-        raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_LEVELS}, "
-                         f"got {importance_sampling_level!r}")
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be [B, T, H], got {tuple(hidden.shape)}")
+    _check_args(hidden, completion_ids, completion_mask, advantages, old_logps, ref_logps, beta, loss_type,
+                importance_sampling_level)
     B, T = hidden.shape[:2]
-    for name, t in (("completion_ids", completion_ids), ("completion_mask", completion_mask),
-                    ("old_logps", old_logps), ("ref_logps", ref_logps)):
-        if t is not None and t.shape != (B, T):
-            raise ValueError(f"{name} must be [B, T] = [{B}, {T}], got {tuple(t.shape)}")
-    if advantages.shape not in ((B,), (B, T)):
-        raise ValueError(f"advantages must be [B] = [{B}] (one per sequence) or [B, T] = [{B}, {T}] (one per "
-                         f"token), got {tuple(advantages.shape)}")
-    if beta > 0 and ref_logps is None:
-        raise ValueError("beta > 0 needs ref_logps (the reference model's log-probs)")
     dev = hidden.device
 
     mask_host = completion_mask.bool()
@@ -124,16 +146,8 @@ def grpo_loss(
         if beta > 0:
             per_token = per_token + beta * kl
 
-    summed = per_token * mf
     count = mf.sum()
-    if loss_type == "grpo":
-        per_seq = summed.sum(-1) / mf.sum(-1).clamp_min(1)
-        loss = per_seq.sum() / _count(num_items, B, dev)
-    elif loss_type == "dr_grpo":
-        loss = summed.sum() / (_count(num_items, B, dev) * (max_completion_len or T))
-    else:  # dapo, bnpo, cispo
-        n = _count(num_items, count, dev)
-        loss = torch.where(n > 0, summed.sum() / n.clamp_min(1e-12), summed.sum() * 0)
+    loss = _reduce(per_token * mf, mf, loss_type, num_items, max_completion_len or T)
 
     with torch.no_grad():
         denom = count.clamp_min(1)

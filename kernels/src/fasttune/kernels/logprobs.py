@@ -17,7 +17,7 @@ Ignored tokens get log-prob 0 and entropy 0; with labels on the host they cost n
 import torch
 
 from ._backend import chunk_rows, pick_backend
-from .cross_entropy import _check, _check_head, _head, _Opts, prepare_head
+from .cross_entropy import HeadOptions, check_args, check_head, head_op, prepare_head
 
 
 def linear_logprobs(
@@ -39,18 +39,18 @@ def linear_logprobs(
     logit softcap, Gemma 2) is applied before the temperature. With return_entropy, also
     returns each token's entropy of softmax(logits / temperature) (no gradient flows through it).
     """
-    _check_head(hidden, weight, bias)
+    check_head(hidden, weight, bias)
     labels_shape = labels.shape
     N = hidden.numel() // hidden.shape[-1]
-    _check(labels, N, None, "none", 0.0, 0.0, softcap, "hidden")
+    check_args(labels, N, None, "none", 0.0, 0.0, softcap, "hidden")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     h, labels, weights, select = prepare_head(hidden, weight, labels, ignore_index=ignore_index, loss_mask=None)
-    o = _Opts(pick_backend(backend, h.device), chunk_rows(weight.shape[0], h.device, h.dtype, chunk_size),
+    o = HeadOptions(pick_backend(backend, h.device), chunk_rows(weight.shape[0], h.device, h.dtype, chunk_size),
               softcap=softcap, inv_temp=1.0 / temperature, entropy=return_entropy)
     one = torch.ones((), device=h.device)
     b = None if bias is None else bias.to(h.dtype)
-    nll, _, _, entropy = _head(h, weight, b, labels, weights, select, one, "none", o)[:4]
+    nll, _, _, entropy = head_op(h, weight, b, labels, weights, select, one, "none", o)[:4]
     logp = (-nll).reshape(labels_shape)
     if return_entropy:
         return logp, entropy.reshape(labels_shape)

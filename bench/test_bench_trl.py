@@ -4,7 +4,7 @@ model, each run in a fresh process (bench/trl_compare.py says exactly what is th
 Asserted: both sides run; the first losses (SFT) and the first step's mean chosen log-prob (DPO) agree
 to 1e-3; fasttune's peak memory (SFT, DPO) under 0.9 x TRL's and its CPU time per step within 2 x TRL's
 (same-run ratios, with margin). Every goal of issue #19 is reported as met or missed in the result's `goals` and
-in the terminal output; none is asserted. BENCH_TRL_STEPS (default 2: the first step for the loss, the
+in the terminal output; none is asserted. BENCH_TRL_STEPS (default 4: the first step for the loss, the
 rest timed) sets the steps of every run.
 """
 

@@ -87,25 +87,10 @@ def _atomic(out: Path, make):
 
 
 def model_folder() -> Path:
-    """SmolLM2-135M-Instruct as an fp32 safetensors folder, converted once from the GGUF."""
+    """SmolLM2-135M-Instruct as an fp32 safetensors folder: the GGUF as fasttune converts it, once."""
     import real_model
 
-    gguf = real_model.gguf_path()
-
-    def make(tmp):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        config = loaded.config  # transformers refuses to save a model loaded from GGUF: copy it into a plain one
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict())
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-
-    return _atomic(gguf.parent / "fp32-safetensors", make)
+    return real_model.hf_folder()
 
 
 def adapter_folder() -> Path:
@@ -127,7 +112,9 @@ def adapter_folder() -> Path:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.002)
         model.save_pretrained(tmp)
 
-    return _atomic(folder.parent / "lora-r16-init", make)
+    import real_model
+
+    return _atomic(real_model.gguf_path().parent / "lora-r16-init", make)
 
 
 def _jsonl(path: Path, rows):

@@ -60,11 +60,12 @@ def gguf_path() -> Path:
 
 
 def hf_folder() -> Path:
-    """SmolLM2 as a transformers folder (fp32 safetensors, tokenizer, chat template), converted once from
-    the GGUF into the cache: it loads in seconds, and `model.path` can name it like any model folder."""
-    out = cache_root() / f"smollm2-{VERSION}-hf"
-    if (out / "config.json").is_file():
-        return out
+    """SmolLM2 as a transformers folder (fp32 safetensors, tokenizer, chat template): the GGUF converted
+    once by fasttune itself (fasttune/gguf_model.py, as `model.path = "....gguf"` does), so `model.path`
+    and peers can name it like any model folder."""
+    from fasttune import gguf_model
+
+    return Path(gguf_model.resolve(str(gguf_path())))
     import tempfile
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

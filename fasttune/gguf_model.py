@@ -12,12 +12,10 @@ interrupted conversion leaves nothing half-written; delete the cache folder to r
 """
 
 import hashlib
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from . import cache
 from .config import ConfigError
 
 MAGIC = b"GGUF"
@@ -28,7 +26,7 @@ def is_gguf(path) -> bool:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("FASTTUNE_CACHE") or Path.home() / ".cache" / "fasttune") / "gguf"
+    return cache.root() / "gguf"
 
 
 def _checked(path: str) -> Path:
@@ -64,21 +62,7 @@ def resolve(path: str) -> str:
         return str(out)
     print(f"fasttune: converting {path} once into {out} (dequantized to fp32; later loads read that folder)",
           file=sys.stderr, flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
-        _convert(Path(path).expanduser(), tmp, path)
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in [tmp, *tmp.iterdir()]:  # mkdtemp made it private; the cache is as shareable as the user's files
-            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process converted it first
-            if not (out / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    cache.publish(out, lambda tmp: _convert(Path(path).expanduser(), tmp, path))
     return str(out)
 
 

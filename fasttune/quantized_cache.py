@@ -19,15 +19,16 @@ import hashlib
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from . import cache
 
 
 def cache_root() -> Path:
     """$FASTTUNE_4BIT_CACHE, else $FASTTUNE_CACHE/4bit (default ~/.cache/fasttune/4bit)."""
     if os.environ.get("FASTTUNE_4BIT_CACHE"):
         return Path(os.environ["FASTTUNE_4BIT_CACHE"])
-    return Path(os.environ.get("FASTTUNE_CACHE") or Path.home() / ".cache" / "fasttune") / "4bit"
+    return cache.root() / "4bit"
 
 
 def folder_for(path: str, settings: dict) -> Path | None:
@@ -72,24 +73,11 @@ def _rename(model, path):
 
 
 def _save(model, out: Path):
-    """Save the quantized `model` as `out`, atomically; a failure (disk full) only costs the cache."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    """Save the quantized `model` as `out`; a failure (disk full) only costs the cache."""
     try:
-        model.save_pretrained(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in [tmp, *tmp.iterdir()]:  # mkdtemp made it private; the cache is as shareable as the user's files
-            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process (a second rank) saved it first
-            pass
-        else:
+        if cache.publish(out, model.save_pretrained):
             print(f"fasttune: saved the 4-bit base to {out}; later runs load it instead of quantizing "
                   "(model.cache_4bit = false turns this off)", file=sys.stderr, flush=True)
     except OSError as e:
         print(f"fasttune: could not save the 4-bit base to {out} ({e.strerror or e}); quantizing on every load",
               file=sys.stderr, flush=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -31,7 +31,8 @@ class Batch:
     cu_seqlens: torch.Tensor | None
     max_len: int
     trained: int  # tokens with a label
-    tokens: int
+    tokens: int  # the examples' tokens (a shared prefix counts once per example)
+    segment_ids: torch.Tensor | None = None  # prefix sharing (fasttune/prefix_sharing.py)
 
     def model_kwargs(self, dev):
         kw = {"input_ids": self.input_ids.to(dev), "shift_labels": self.shift_labels}
@@ -39,6 +40,8 @@ class Batch:
             cu = self.cu_seqlens.to(dev)
             kw.update(position_ids=self.position_ids.to(dev), cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                       max_length_q=self.max_len, max_length_k=self.max_len)
+            if self.segment_ids is not None:
+                kw["segment_ids"] = self.segment_ids.to(dev)
         else:
             kw["attention_mask"] = self.attention_mask.to(dev)
         return kw
@@ -87,6 +90,25 @@ def packed_batch(examples) -> Batch:
     return Batch(torch.tensor(ids)[None], shift, torch.tensor(pos)[None], None,
                  torch.tensor(cu, dtype=torch.int32), max(len(e.input_ids) for e in examples),
                  int((shift != IGNORE).sum()), len(ids))
+
+
+def shared_batch(examples) -> Batch:
+    """A packed row in which examples with a common start (a system prompt) share it: each group of
+    them is one sample, its prefix once, then each example's own tokens (prefix_sharing.py)."""
+    from .prefix_sharing import prefix_groups, shareable, shared_layout
+
+    seqs = [ex.input_ids for ex in examples]
+    shifted = [_shifted(ex.labels) for ex in examples]
+    groups = prefix_groups(seqs, [shareable(y) for y in shifted])
+    if all(p == 0 for _, p in groups):
+        return packed_batch(examples)
+    lay = shared_layout(seqs, groups)
+    labels = torch.full((lay.tokens,), IGNORE)
+    for members, p in groups:
+        for i in members:
+            labels[lay.rows[i, p : len(seqs[i])]] = torch.tensor(shifted[i][p:])
+    return Batch(lay.input_ids, labels[None], lay.position_ids, None, lay.cu_seqlens, lay.max_len,
+                 int((labels != IGNORE).sum()), sum(map(len, seqs)), lay.segment_ids)
 
 
 def padded_batch(examples, pad_id) -> Batch:
@@ -142,8 +164,11 @@ def packing_efficiency(lengths, rows, capacity) -> float:
     return sum(lengths) / (len(rows) * capacity) if rows else 0.0
 
 
-def make_batch(examples, packing, pad_id) -> Batch:
-    return packed_batch(examples) if packing else padded_batch(examples, pad_id)
+def make_batch(examples, packing, pad_id, share=False) -> Batch:
+    """Packed (with a shared prefix computed once if `share`) or padded."""
+    if not packing:
+        return padded_batch(examples, pad_id)
+    return shared_batch(examples) if share else packed_batch(examples)
 
 
 def shuffled_groups(n, size, seed):

@@ -68,6 +68,9 @@ class DataConfig:
     max_seq_len: int = doc(1024, "tokens per example")
     overlong: str = choice("truncate", "error", "drop", "truncate", doc="what happens to longer examples (always counted)")
     packing: bool = doc(True, "pack examples into rows of micro_batch_size tokens (needs varlen attention)")
+    prefix_sharing: bool = doc(True, "run a prefix that several sequences share once: a DPO pair's or a GRPO "
+                               "group's prompt, a system prompt common to the examples of a packed SFT row "
+                               "(exact; needs varlen attention)")
     train_on: str = choice("assistant", "assistant", "last_assistant", "all", doc="which turns are trained")
     multi_turn: str = choice("full", "full", "split", doc="train all turns of a conversation in one example as "
                              "rendered together, or one example per turn as generation renders it")
@@ -136,6 +139,8 @@ class PrefDataConfig:
     roles: dict = doc({}, "map other role names onto system/user/assistant")
     overlong: str = choice("truncate", "error", "drop", "truncate",
                            doc="pairs over dpo.max_len or dpo.max_prompt_len (always counted)")
+    prefix_sharing: bool = doc(True, "dpo: run each pair's prompt once for both responses (exact; needs varlen "
+                               "attention); reward models do not share yet")
 
 
 @dataclass
@@ -235,6 +240,8 @@ class PromptDataConfig:
     split: str = doc("train", "split of a hub dataset or a datasets folder")
     subset: str = doc("", "subset (configuration) of a hub dataset")
     roles: dict = doc({}, "map other role names onto system/user/assistant")
+    prefix_sharing: bool = doc(True, "grpo: run each prompt once for its group's completions in the reference "
+                               "and training forwards (exact; needs varlen attention); ppo does not share yet")
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 from .batches import Stream, epoch_plan, make_batch, packing_efficiency
 from .config import ConfigError
 from .data import load_sft
+from .prefix_sharing import available, check_received
 
 
 def lm_loss(model, batch, n_items, dev, options=None):
@@ -34,17 +35,25 @@ def lm_loss(model, batch, n_items, dev, options=None):
         out = model(**kw)
     else:
         out = model(**kw, num_items_in_batch=n_items, **options)
-        if out.loss is not None:
-            return out.loss
+    if batch.segment_ids is not None:
+        check_received()
+    if out.loss is not None:
+        return out.loss
     return cross_entropy(out.logits.flatten(0, -2), batch.shift_labels.reshape(-1), reduction="mean",
                          num_items=n_items, **options)
 
 
-def eval_loss(model, examples, cfg, pad_id, dev, autocast) -> float:
-    """Mean loss per trained token over `examples`."""
+def _batches(examples, cfg, pad_id, model):
+    """Every example of `examples` in micro-batches, in one fixed order (evaluation)."""
     lengths = [len(e.input_ids) for e in examples]
     plan = epoch_plan(lengths, packing=cfg.data.packing, micro_batch_size=cfg.train.micro_batch_size, seed=0, epoch=0)
-    batches = [make_batch([examples[i] for i in g], cfg.data.packing, pad_id) for g in plan]
+    share = cfg.data.prefix_sharing and available(model)
+    return [make_batch([examples[i] for i in g], cfg.data.packing, pad_id, share) for g in plan]
+
+
+def eval_loss(model, examples, cfg, pad_id, dev, autocast) -> float:
+    """Mean loss per trained token over `examples`."""
+    batches = _batches(examples, cfg, pad_id, model)
     n = sum(b.trained for b in batches)
     model.eval()
     total = 0.0
@@ -79,14 +88,16 @@ class SFTTask:
         def plan(epoch):
             return epoch_plan(lengths, packing=d.packing, micro_batch_size=t.micro_batch_size, seed=t.seed, epoch=epoch)
 
-        self.stream = Stream(plan, lambda g: make_batch([examples[i] for i in g], d.packing, tok.pad_token_id))
+        self.share = False  # prefix sharing: decided in setup, when the model is known
+        self.stream = Stream(plan, lambda g: make_batch([examples[i] for i in g], d.packing, tok.pad_token_id,
+                                                        self.share))
         if d.packing:
             rows = self.stream.plan(0)
             log(f"packing: {len(rows)} rows of {t.micro_batch_size} tokens per epoch, "
                 f"{100 * packing_efficiency(lengths, rows, t.micro_batch_size):.1f}% filled")
 
     def setup(self, model, dev, run_dir, dist=None):
-        pass  # nothing to prepare
+        self.share = self.cfg.data.prefix_sharing and self.cfg.data.packing and available(model)
 
     def count(self, batch):
         if "class_weights" in self.loss_options:  # the mean divides by the summed weights of the trained tokens
@@ -162,9 +173,7 @@ def metrics(cfg, tok, model, dev, split, log):
 
     examples, report = load_sft(getattr(cfg.data, split), tok, cfg.data)
     log(report.summary())
-    plan = epoch_plan([len(e.input_ids) for e in examples], packing=cfg.data.packing,
-                      micro_batch_size=cfg.train.micro_batch_size, seed=0, epoch=0)
-    batches = [make_batch([examples[i] for i in g], cfg.data.packing, tok.pad_token_id) for g in plan]
+    batches = _batches(examples, cfg, tok.pad_token_id, model)
     n = sum(b.trained for b in batches)
     if n == 0:
         raise ConfigError(f"data.{split} has no trained tokens to evaluate")

@@ -204,3 +204,66 @@ def test_skipped_samples_cost_nothing_and_read_zero(backend):
         assert torch.equal(g[pad], torch.zeros_like(g[pad])) and torch.allclose(g[~pad], r[~pad], atol=1e-5)
     cu_blocks, _, _ = attn_mod._schedule(cu, 16, keep.int())
     assert cu_blocks.tolist() == [0, 1, 1, 3, 3]  # 9 tokens: 1 block; 20 tokens: 2 blocks; padding: none
+
+
+# ---- prefix sharing: segments ---------------------------------------------------------------------------------
+
+# samples as (prefix length, [segment lengths]); a prefix of 0 tokens or a single segment is an ordinary sample
+SHARED = {
+    "grpo_like": [(11, [4, 7, 1, 5])],
+    "mixed": [(3, [2, 9]), (0, [6]), (20, [17, 1, 3]), (1, [1]), (5, [16, 16])],
+}
+
+
+def _shared_layout(samples):
+    """cu_seqlens and segment ids of the shared layout, and for the same samples written out unshared
+    (each segment after its own copy of the prefix): the shared row of each unshared token, and the
+    unshared samples' lengths."""
+    cu, seg, rows, lens, t = [0], [], [], [], 0
+    for p, parts in samples:
+        prefix = list(range(t, t + p))
+        seg += [0] * p
+        t += p
+        for i, n in enumerate(parts, 1):
+            rows += prefix + list(range(t, t + n))
+            lens.append(p + n)
+            seg += [i] * n
+            t += n
+        cu.append(t)
+    return torch.tensor(cu, dtype=torch.int32), torch.tensor(seg), torch.tensor(rows), lens
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(SHARED))
+@pytest.mark.parametrize("kw", [{}, {"softcap": 5.0}])
+def test_segments_equal_the_prefix_written_out(backend, case, kw):
+    """A prefix shared by several segments gives each segment what it would get after its own copy of
+    the prefix, and the prefix's gradients are the sums over the copies (float64 reference on the
+    written-out samples)."""
+    cu, seg, rows, lens = _shared_layout(SHARED[case])
+    T = int(cu[-1])
+    q, k, v = (torch.randn(T, h, 16, requires_grad=True) for h in (4, 2, 2))
+    o = varlen_attention(q, k, v, cu, segments=seg, backend=backend, **kw)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = reference(q64[rows], k64[rows], v64[rows], lens, **kw)  # every segment with its own prefix copy
+    first = torch.full((T,), -1)
+    first[rows.flip(0)] = torch.arange(len(rows) - 1, -1, -1)  # an unshared copy of each shared row
+    ref_o = ref[first]
+    assert rel_err(o, ref_o) < 1e-5, rel_err(o, ref_o)
+    # the loss is each shared row's output once: weigh the copies so that only the first counts
+    w = torch.zeros(len(rows), dtype=torch.float64)
+    w[first] = 1.0
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do.double()[rows] * w[:, None, None])
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert rel_err(g, r) < 1e-5, (name, rel_err(g, r))
+
+
+def test_segments_bad_input():
+    q = torch.randn(6, 2, 16)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"segments must be \[T\]"):
+        varlen_attention(q, q, q, cu, segments=torch.zeros(5, dtype=torch.int32))
+    with pytest.raises(ValueError, match="causal=True and no window"):
+        varlen_attention(q, q, q, cu, segments=torch.zeros(6, dtype=torch.int32), window=2)

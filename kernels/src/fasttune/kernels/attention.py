@@ -151,20 +151,25 @@ def _query_range(c0, L, window, causal, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
 
 
 @triton.jit
-def _needs_mask(r0, c0, L, window, causal, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _needs_mask(r0, c0, L, window, causal, segmented, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Only the tiles (query rows [r0, r0 + BLOCK_M), keys [c0, c0 + BLOCK_N)) that cross the end of
-    the sample, the causal diagonal or the window's edge pay for the mask; full tiles skip it."""
+    the sample, the causal diagonal or the window's edge pay for the mask; full tiles skip it.
+    With segments every tile is masked."""
     edge = (r0 + BLOCK_M > L) | (c0 + BLOCK_N > L)
     diagonal = (causal != 0) & (c0 + BLOCK_N - 1 > r0)
     outside = r0 + BLOCK_M - 1 - c0 >= window
-    return edge | diagonal | outside
+    return edge | diagonal | outside | (segmented != 0)
 
 
 @triton.jit
-def _visible(rows, cols, L, window, causal):
+def _visible(rows, cols, L, window, causal, SEG, start, segmented):
     ok = (rows[:, None] < L) & (cols[None, :] < L) & (rows[:, None] - cols[None, :] < window)
     if causal:
         ok = ok & (rows[:, None] >= cols[None, :])
+    if segmented:  # a key of segment 0 (the shared prefix) is seen by every segment, others by their own
+        sq = tl.load(SEG + start + rows, mask=rows < L, other=-1)
+        sk = tl.load(SEG + start + cols, mask=cols < L, other=-2)
+        ok = ok & ((sk[None, :] == 0) | (sk[None, :] == sq[:, None]))
     return ok
 
 
@@ -183,7 +188,7 @@ def _scores(q, k, sm_scale, softcap, PRECISION: tl.constexpr, UPCAST: tl.constex
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,  # O like Q; LSE [Hq, T] fp32
-    cu_seqlens, cu_blocks, n_seqs, search_steps,
+    cu_seqlens, cu_blocks, n_seqs, search_steps, SEG, segmented,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, n_tok,
     sm_scale, softcap, window, group, causal,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -214,8 +219,8 @@ def _fwd_kernel(
         v = _load_rows(V, start, cols, L, s_vt, offs_d, dmask)
         s, _ = _scores(q, k, sm_scale, softcap, PRECISION, UPCAST)
         s = s * LOG2E
-        if _needs_mask(r0, n0, L, window, causal, BLOCK_M, BLOCK_N):
-            s = tl.where(_visible(rows, cols, L, window, causal), s, float("-inf"))
+        if _needs_mask(r0, n0, L, window, causal, segmented, BLOCK_M, BLOCK_N):
+            s = tl.where(_visible(rows, cols, L, window, causal, SEG, start, segmented), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
         alpha = tl.exp2(m_i - m_safe)
@@ -247,7 +252,7 @@ def _delta_kernel(O, DO, DELTA, s_ot, s_oh, s_dt, s_dh, n_tok,
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    cu_seqlens, cu_blocks, n_seqs, search_steps,
+    cu_seqlens, cu_blocks, n_seqs, search_steps, SEG, segmented,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dkt, s_dkh, s_dvt, s_dvh, n_tok,
     sm_scale, softcap, window, group, causal,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -280,8 +285,8 @@ def _bwd_dkdv_kernel(
             delta = tl.load(DELTA + head.to(tl.int64) * n_tok + start + rows, mask=rmask, other=0.0)
             s, t = _scores(q, k, sm_scale, softcap, PRECISION, UPCAST)
             p = tl.exp2(s * LOG2E - lse[:, None])
-            if _needs_mask(m0, c0, L, window, causal, BLOCK_M, BLOCK_N):
-                p = tl.where(_visible(rows, cols, L, window, causal), p, 0.0)
+            if _needs_mask(m0, c0, L, window, causal, segmented, BLOCK_M, BLOCK_N):
+                p = tl.where(_visible(rows, cols, L, window, causal, SEG, start, segmented), p, 0.0)
             dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
             dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
             ds = p * (dp - delta[:, None])
@@ -296,7 +301,7 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
-    cu_seqlens, cu_blocks, n_seqs, search_steps,
+    cu_seqlens, cu_blocks, n_seqs, search_steps, SEG, segmented,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dqt, s_dqh, n_tok,
     sm_scale, softcap, window, group, causal,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -328,8 +333,8 @@ def _bwd_dq_kernel(
         v = _load_rows(V, start, cols, L, s_vt, offs_d, dmask)
         s, t = _scores(q, k, sm_scale, softcap, PRECISION, UPCAST)
         p = tl.exp2(s * LOG2E - lse[:, None])
-        if _needs_mask(r0, n0, L, window, causal, BLOCK_M, BLOCK_N):
-            p = tl.where(_visible(rows, cols, L, window, causal), p, 0.0)
+        if _needs_mask(r0, n0, L, window, causal, segmented, BLOCK_M, BLOCK_N):
+            p = tl.where(_visible(rows, cols, L, window, causal, SEG, start, segmented), p, 0.0)
         dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
         if softcap > 0:
@@ -354,6 +359,11 @@ def _schedule(cu_seqlens, block, keep=None):
     torch.cumsum(counts, 0, dtype=torch.int32, out=cu_blocks[1:])
     n_seqs = cu_seqlens.numel() - 1
     return cu_blocks, n_seqs, max(1, math.ceil(math.log2(n_seqs + 1)) + 1)
+
+
+def _segment_args(segments, cu_seqlens):
+    """The kernels' (SEG, segmented): without segments, any int32 pointer (never read) and 0."""
+    return (cu_seqlens, 0) if segments is None else (segments, 1)
 
 
 def _block_d(head_dim):
@@ -404,7 +414,7 @@ def _meta(q):
     )
 
 
-def _forward(q, k, v, cu_seqlens, keep, scale, softcap, window, causal):
+def _forward(q, k, v, cu_seqlens, keep, segments, scale, softcap, window, causal):
     T, Hq, D = q.shape
     # Rows of skipped (padding) samples are never written: they start as zeros.
     o = empty(T, Hq, D, dtype=q.dtype, device=q.device) if keep is None else q.new_zeros(T, Hq, D)
@@ -415,7 +425,7 @@ def _forward(q, k, v, cu_seqlens, keep, scale, softcap, window, causal):
         bm, bn, warps, stages = tile
         cu_blocks, n_seqs, steps = _schedule(cu_seqlens, bm, keep)
         _fwd_kernel[(triton.cdiv(T, bm) + n_seqs, Hq)](
-            q, k, v, o, lse, cu_seqlens, cu_blocks, n_seqs, steps,
+            q, k, v, o, lse, cu_seqlens, cu_blocks, n_seqs, steps, *_segment_args(segments, cu_seqlens),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1), T,
             *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **_meta(q),
         )
@@ -424,7 +434,7 @@ def _forward(q, k, v, cu_seqlens, keep, scale, softcap, window, causal):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, cu_seqlens, keep, scale, softcap, window, causal):
+def _backward(do, q, k, v, o, lse, cu_seqlens, keep, segments, scale, softcap, window, causal):
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     meta = _meta(q)
@@ -442,7 +452,7 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, keep, scale, softcap, window, cau
         bm, bn, warps, stages = tile
         cu_blocks, n_seqs, steps = _schedule(cu_seqlens, bn, keep)
         _bwd_dkdv_kernel[(triton.cdiv(T, bn) + n_seqs, Hkv)](
-            q, k, v, do, lse, delta, dk, dv, cu_seqlens, cu_blocks, n_seqs, steps,
+            q, k, v, do, lse, delta, dk, dv, cu_seqlens, cu_blocks, n_seqs, steps, *_segment_args(segments, cu_seqlens),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), T,
             *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta,
@@ -452,7 +462,7 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, keep, scale, softcap, window, cau
         bm, bn, warps, stages = tile
         cu_blocks, n_seqs, steps = _schedule(cu_seqlens, bm, keep)
         _bwd_dq_kernel[(triton.cdiv(T, bm) + n_seqs, Hq)](
-            q, k, v, do, lse, delta, dq, cu_seqlens, cu_blocks, n_seqs, steps,
+            q, k, v, do, lse, delta, dq, cu_seqlens, cu_blocks, n_seqs, steps, *_segment_args(segments, cu_seqlens),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), T,
             *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta,
@@ -467,32 +477,33 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, keep, scale, softcap, window, cau
 # through them. Both backends go through the ops: the PyTorch path's backward recomputes the
 # per-sample SDPA with autograd. Switches are plain values: softcap 0 and window NO_WINDOW are off.
 def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                    keep: torch.Tensor | None, causal: bool,
+                    keep: torch.Tensor | None, segments: torch.Tensor | None, causal: bool,
                scale: float, softcap: float, window: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """o [T, Hq, D] and the log-sum-exp [Hq, T] the Triton backward needs ([0] on the PyTorch path)."""
     if backend == "torch":
         return _attention_torch(q, k, v, cu_seqlens, keep, causal, scale, softcap or None,
-                                None if window == NO_WINDOW else window), q.new_empty(0, dtype=torch.float32)
-    return _forward(q, k, v, cu_seqlens, keep, scale, softcap, window, int(causal))
+                                None if window == NO_WINDOW else window, segments), q.new_empty(0, dtype=torch.float32)
+    return _forward(q, k, v, cu_seqlens, keep, segments, scale, softcap, window, int(causal))
 
 
-def _attention_fake(q, k, v, cu_seqlens, keep, causal, scale, softcap, window, backend):
+def _attention_fake(q, k, v, cu_seqlens, keep, segments, causal, scale, softcap, window, backend):
     lse = q.new_empty((q.shape[1], q.shape[0]) if backend != "torch" else (0,), dtype=torch.float32)
     return torch.empty_like(q), lse
 
 
 def _attention_backward_impl(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                        lse: torch.Tensor, cu_seqlens: torch.Tensor, keep: torch.Tensor | None, causal: bool,
-                        scale: float, softcap: float,
+                        lse: torch.Tensor, cu_seqlens: torch.Tensor, keep: torch.Tensor | None,
+                        segments: torch.Tensor | None, causal: bool, scale: float, softcap: float,
                         window: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "torch":  # inside a compiled graph: autograd cannot run in an op, hence the explicit one
         return _attention_torch_backward(do, q, k, v, cu_seqlens, keep, causal, scale, softcap or None,
-                                         None if window == NO_WINDOW else window)
+                                         None if window == NO_WINDOW else window, segments)
     do = do if do.stride(-1) == 1 else do.contiguous()
-    return _backward(do, q, k, v, o, lse, cu_seqlens, keep, scale, softcap, window, int(causal))
+    return _backward(do, q, k, v, o, lse, cu_seqlens, keep, segments, scale, softcap, window, int(causal))
 
 
-def _attention_backward_fake(do, q, k, v, o, lse, cu_seqlens, keep, causal, scale, softcap, window, backend):
+def _attention_backward_fake(do, q, k, v, o, lse, cu_seqlens, keep, segments, causal, scale, softcap, window,
+                             backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -500,15 +511,15 @@ _attention_backward = Op("varlen_attention_backward", _attention_backward_impl, 
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, cu_seqlens, keep, *ctx.args = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens, keep)  # o for delta = rowsum(dO ∘ O)
+    q, k, v, cu_seqlens, keep, segments, *ctx.args = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens, keep, segments)  # o for delta = rowsum(dO ∘ O)
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
 
 def _attention_grad(ctx, do, _):
     dq, dk, dv = _attention_backward(do, *ctx.saved_tensors, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _attention = Op("varlen_attention", _attention_impl, _attention_fake, _attention_setup, _attention_grad)
@@ -523,7 +534,7 @@ def gpu_variants():
         for D in HEAD_DIMS:
             meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), PRECISION="ieee" if ty == "fp32" else "tf32", UPCAST=False)
             for pass_, fn in kernels.items():
-                sig = aot_signature(fn, ty, floats, fp32=("LSE", "DELTA"), i32=("cu_seqlens", "cu_blocks"))
+                sig = aot_signature(fn, ty, floats, fp32=("LSE", "DELTA"), i32=("cu_seqlens", "cu_blocks", "SEG"))
                 for i, (bm, bn, warps, stages) in enumerate(_entries(pass_, dtype, D)):
                     yield (f"attention.{pass_} {ty} D={D} tile={bm}x{bn} w{warps} s{stages}", fn, sig,
                            dict(meta, BLOCK_M=bm, BLOCK_N=bn), warps, stages, i == 0)
@@ -537,9 +548,10 @@ def gpu_variants():
 # --------------------------------------------------------------------------------------------
 
 
-def _sample_mask(L, causal, window, device):
-    """[L, L] bool: may query i see key j within one sample (None: everything visible)."""
-    if not causal and window is None:
+def _sample_mask(L, causal, window, device, segments=None):
+    """[L, L] bool: may query i see key j within one sample (None: everything visible). `segments`
+    [L]: key j is seen only from its own segment, unless it is of segment 0 (the shared prefix)."""
+    if not causal and window is None and segments is None:
         return None
     i = torch.arange(L, device=device)[:, None]
     j = torch.arange(L, device=device)[None, :]
@@ -548,10 +560,12 @@ def _sample_mask(L, causal, window, device):
         ok = ok & (j <= i)
     if window is not None:
         ok = ok & (i - j < window)
+    if segments is not None:
+        ok = ok & ((segments[None, :] == 0) | (segments[None, :] == segments[:, None]))
     return ok
 
 
-def _attention_torch(q, k, v, cu_seqlens, keep, causal, scale, softcap, window):
+def _attention_torch(q, k, v, cu_seqlens, keep, causal, scale, softcap, window, segments=None):
     """Each sample on its own: SDPA, or explicit scores when a softcap is asked for."""
     group = q.shape[1] // k.shape[1]
     out = []
@@ -565,7 +579,7 @@ def _attention_torch(q, k, v, cu_seqlens, keep, causal, scale, softcap, window):
             continue
         qi, ki, vi = (x[s:e].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
         ki, vi = ki.repeat_interleave(group, 0), vi.repeat_interleave(group, 0)
-        mask = _sample_mask(e - s, causal, window, q.device)
+        mask = _sample_mask(e - s, causal, window, q.device, None if segments is None else segments[s:e])
         if softcap is None:
             oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
         else:
@@ -577,7 +591,7 @@ def _attention_torch(q, k, v, cu_seqlens, keep, causal, scale, softcap, window):
     return torch.cat(out) if out else torch.empty_like(q)
 
 
-def _attention_torch_backward(do, q, k, v, cu_seqlens, keep, causal, scale, softcap, window):
+def _attention_torch_backward(do, q, k, v, cu_seqlens, keep, causal, scale, softcap, window, segments=None):
     """dq, dk, dv of `_attention_torch`, per sample in fp32 (autograd does not run inside a custom op):
     P = softmax(S), dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - rowsum(dO ∘ O)), dQ = dS K·scale, dK = dSᵀ Q·scale,
     with the softcap's chain rule (1 - tanh²) and dK, dV summed over each kv head's q heads."""
@@ -596,7 +610,7 @@ def _attention_torch_backward(do, q, k, v, cu_seqlens, keep, causal, scale, soft
         if softcap is not None:
             t = torch.tanh(scores / softcap)
             scores = softcap * t
-        mask = _sample_mask(e - s, causal, window, q.device)
+        mask = _sample_mask(e - s, causal, window, q.device, None if segments is None else segments[s:e])
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         p = scores.softmax(-1)
@@ -631,6 +645,7 @@ def varlen_attention(
     softcap: float | None = None,
     window: int | None = None,
     sample_mask: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Attention within each packed sample: q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B + 1].
@@ -638,7 +653,11 @@ def varlen_attention(
     A drop-in for flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
     causal=...). `max_seqlen` is accepted for that compatibility and is not needed. `sample_mask`
     ([B] bool, optional) marks samples to skip, such as the padding of a padded batch: their rows
-    cost no work, and their outputs and gradients are zeros. Returns
+    cost no work, and their outputs and gradients are zeros. `segments` ([T] int, optional) shares a
+    prefix within a sample (prefix sharing): a sample is its prefix (segment 0) followed by segments
+    1, 2, ...; a token sees the prefix and, causally, its own segment only, so segments after the
+    first are computed as if each followed the prefix alone (give them positions that continue the
+    prefix's). Returns
     [T, Hq, D] in q's dtype. softcap and window as transformers' Gemma 2 passes them.
     """
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
@@ -667,8 +686,16 @@ def varlen_attention(
     keep = None if sample_mask is None else sample_mask.to(device=q.device, dtype=torch.int32)
     if keep is not None and keep.shape != (cu.numel() - 1,):
         raise ValueError(f"sample_mask must be [B] = [{cu.numel() - 1}] (one flag per sample), got {tuple(keep.shape)}")
+    seg = None
+    if segments is not None:
+        if segments.shape != (q.shape[0],):
+            raise ValueError(f"segments must be [T] = [{q.shape[0]}] (one id per token), got {tuple(segments.shape)}")
+        if not causal or window is not None:
+            raise ValueError("segments (prefix sharing) need causal=True and no window (the window counts "
+                             "positions, which a shared layout does not keep)")
+        seg = segments.to(device=q.device, dtype=torch.int32)
     if be == "torch" and not torch.compiler.is_compiling():  # eager CPU path: autograd through SDPA
         return _attention_torch(q, k, v, cu, keep, bool(causal), float(scale), softcap,
-                                None if window is None else int(window))
-    return _attention(q, k, v, cu, keep, bool(causal), float(scale), float(softcap or 0.0),
+                                None if window is None else int(window), seg)
+    return _attention(q, k, v, cu, keep, seg, bool(causal), float(scale), float(softcap or 0.0),
                       NO_WINDOW if window is None else int(window), be)[0]

@@ -7,6 +7,9 @@
   gets ordinary causal attention. Boundaries are found on the device without a host sync.
   Calls it cannot take (a KV cache during generation, attention dropout) go to a plain masked
   SDPA with the same semantics.
+  `segment_ids` ([B, S] int, passed to the model's forward with `cu_seq_lens_q`) share a prompt
+  within a sample (see varlen_attention's `segments`); `SEGMENTS_SEEN` records the attention modules
+  that received them.
 - Loss: when `labels` (or `shift_labels`) are passed, the CausalLM's forward computes the loss with
   `fused_linear_cross_entropy` from the last hidden states and returns `logits=None`, as
   Liger-Kernel does. `num_items_in_batch` (from the HF Trainer) is honoured, and so is Gemma 2's
@@ -108,7 +111,11 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else query.dtype
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+    segments = kwargs.get("segment_ids")
     if key.shape[2] != S or (dropout and module.training) or (attention_mask is not None and padding_mask is None):
+        if segments is not None:
+            raise ValueError("segment_ids (prefix sharing) need the packed path: no KV cache, no attention "
+                             "dropout, no 4D mask")
         return _fallback(query, key, value, attention_mask, scaling, softcap, sliding_window,
                          dropout if module.training else 0.0), None
     cu, real = kwargs.get("cu_seq_lens_q"), None
@@ -120,9 +127,17 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     q = query.transpose(1, 2).reshape(B * S, Hq, D)
     k = key.transpose(1, 2).reshape(B * S, key.shape[1], D)
     v = value.transpose(1, 2).reshape(B * S, value.shape[1], D)
+    if segments is not None:
+        SEGMENTS_SEEN.add(id(module))
+        segments = segments.reshape(B * S)
     o = varlen_attention(q, k, v, cu, causal=True, softmax_scale=scaling, softcap=softcap, window=sliding_window,
-                         sample_mask=real)
+                         sample_mask=real, segments=segments)
     return o.view(B, S, Hq, D)[..., :Dv], None
+
+
+# ids of the attention modules that were called with `segment_ids`: how a caller checks that a model
+# hands the keyword down to its attention (a model that drops it would let segments see each other)
+SEGMENTS_SEEN: set[int] = set()
 
 
 def _register():
@@ -288,6 +303,12 @@ def apply(model, *, attention: bool = True, loss: bool = True):
                           "adapted by LoRA or quantized?); the loss is left to the model", stacklevel=2)
     lm._fasttune_state = state
     return model
+
+
+def varlen_attention_applied(model) -> bool:
+    """Does `model` attend with fasttune's varlen attention (after `apply`)? Then packed rows,
+    `cu_seq_lens_q` and `segment_ids` are honoured."""
+    return _causal_lm(model).config._attn_implementation == NAME
 
 
 def fused_loss(model) -> bool:

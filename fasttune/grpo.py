@@ -32,6 +32,7 @@ from .masks import TemplateError, chat_text, stop_token_ids
 from .prompts import left_pad, read_prompts
 from .sources import DataError
 from .models import final_hidden
+from .prefix_sharing import available, check_received, given_groups, shared_layout
 from .rewards import call_reward, load_reward
 
 
@@ -78,6 +79,7 @@ class GRPOTask:
 
     def __init__(self, cfg, tok, log, dist=None):
         self.cfg, self.tok, self.g, self.log = cfg, tok, cfg.grpo, log
+        self.share = False  # prefix sharing in the reference and training forwards: decided in setup
         world = dist.world if dist else 1
         g = cfg.grpo
         if not cfg.data.train:
@@ -192,6 +194,7 @@ class GRPOTask:
         from .rollout import Rollouts
 
         self.model, self.dev = model, dev
+        self.share = self.cfg.data.prefix_sharing and available(model)
         self.stops = stop_token_ids(self.tok, model)  # eos and the template's end of turn
         self.rollouts = Rollouts(model, compute_dtype(self.cfg.model.compute_dtype, dev), dev,
                                  weights=self.g.rollout_weights, engine=self.g.generation, log=self.log,
@@ -266,11 +269,37 @@ class GRPOTask:
                        old_logps=None, ref_logps=None, ref_time=0.0, fresh=True)
 
     def _hidden(self, model, batch):
+        """The final hidden states [n, C, H] that predict the completion tokens, and the head."""
+        if self.share:
+            return self._shared_hidden(model, batch)
         attn = batch.attention_mask.to(self.dev)
         pos = (attn.cumsum(-1) - 1).clamp_min(0)  # left-padded prompts: positions as generate gives them
         hidden, head = final_hidden(model, input_ids=batch.input_ids.to(self.dev), attention_mask=attn, position_ids=pos)
         P, C = batch.prompt_len, batch.completion_ids.shape[1]
         return hidden[:, P - 1 : P - 1 + C], head
+
+    def _shared_hidden(self, model, batch):
+        """As _hidden, with each prompt run once for the completions of its group (prefix sharing):
+        one packed row of prompt, completion 1, completion 2, ..., no padding."""
+        P, C = batch.prompt_len, batch.completion_ids.shape[1]
+        mask = batch.attention_mask.bool()
+        prompts = [row[:P][m[:P]].tolist() for row, m in zip(batch.input_ids, mask)]
+        lengths = batch.lengths.tolist()
+        seqs = [p + c[:n] for p, c, n in zip(prompts, batch.completion_ids.tolist(), lengths)]
+        groups, start = [], 0  # rows of the same prompt are neighbours (a group's G completions)
+        for i in range(1, len(seqs) + 1):
+            if i == len(seqs) or prompts[i] != prompts[start]:
+                groups.append(list(range(start, i)))
+                start = i
+        layout = shared_layout(seqs, given_groups(seqs, [len(p) - 1 for p in prompts], groups))
+        hidden, head = final_hidden(model, **layout.model_kwargs(self.dev))
+        if layout.segment_ids.any():
+            check_received()
+        # the rows that predict completion token t of sequence i: its position len(prompt) - 1 + t
+        t = torch.arange(C)[None, :]
+        at = (torch.tensor([len(p) - 1 for p in prompts])[:, None] + t).clamp(max=layout.rows.shape[1] - 1)
+        rows = layout.rows.gather(1, at).where(t < torch.tensor(lengths)[:, None], 0)
+        return hidden[0][rows.to(hidden.device)], head
 
     def logps(self, model, batch):
         """The completion tokens' log-probs [n, C] under `model` (no grad)."""

@@ -90,8 +90,8 @@ def test_loss_and_gradients_match_trl_with_full_logits(tmp_path, loss_type):
     plain = _plain_loss(model, roll, task.g, roll.old_logps, roll.ref_logps, n)
     g_plain = torch.autograd.grad(plain, params)
     assert torch.allclose(ours.double(), plain, rtol=1e-5, atol=1e-7)
-    for a, b in zip(g_ours, g_plain):
-        assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-7)
+    for a, b in zip(g_ours, g_plain):  # atol: the shared prompt's gradient is summed in another order (fp32)
+        assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-6)
 
 
 def test_num_iterations_keeps_the_old_logps(tmp_path):
@@ -247,7 +247,7 @@ def test_estimators_and_losses_reach_the_loss(tmp_path, sets):
                                eps_high=g.epsilon_high, loss_type=g.loss_type, num_items=n,
                                max_completion_len=g.max_completion_len, level=g.importance_sampling_level)
     for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(plain, params)):
-        assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-7)
+        assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-6)
     assert torch.allclose(ours.double(), plain.detach(), rtol=1e-5, atol=1e-7)
     assert "advantage_abs" in stats
 

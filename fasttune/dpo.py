@@ -30,6 +30,7 @@ from .batches import pair_batch
 from .checkpoint import file_hash
 from .config import ConfigError
 from .models import final_hidden
+from .prefix_sharing import available, padded_hidden
 from .preference import load_pairs
 
 
@@ -41,6 +42,7 @@ class DPOTask:
 
     def __init__(self, cfg, tok, log, dist=None):
         self.cfg, self.tok, self.d = cfg, tok, cfg.dpo
+        self.share = False  # prefix sharing: decided in setup, when the model is known
         if not cfg.data.train:
             raise ConfigError("data.train is empty: set it to a JSON or JSONL file of preference pairs")
         _check_reference_free(self.d)
@@ -89,6 +91,10 @@ class DPOTask:
         return self.d.average_log_prob or self.d.loss_type == "ipo"
 
     def _hidden(self, model, batch, dev):
+        if self.share:  # each pair's prompt once, for both responses
+            B = batch.pairs
+            return padded_hidden(model, batch.input_ids, batch.attention_mask, batch.shift_labels,
+                                 [[i, B + i] for i in range(B)], dev)
         return final_hidden(model, input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev))
 
     def sequence_logps(self, model, batch, dev):
@@ -107,6 +113,7 @@ class DPOTask:
             return self.sequence_logps(model, batch, dev)
 
     def setup(self, model, dev, run_dir, dist=None):
+        self.share = self.cfg.data.prefix_sharing and available(model)
         if self.reference_free:
             return  # nothing to load or precompute
         if self.cfg.model.adapter and self.cfg.model.finetune == "lora":
@@ -233,6 +240,7 @@ def metrics(cfg, tok, model, dev, split, log):
     task = DPOTask(cfg, tok, log)
     if cfg.model.adapter and hasattr(model, "load_adapter"):
         task.setup(model, dev, Path(cfg.run.output_dir))
+    task.share = cfg.data.prefix_sharing and available(model)
     pairs = task.eval_pairs if split == "eval" else task.pairs
     n = len(pairs)
     sums = {}

@@ -144,3 +144,22 @@ def check_received():
     if not SEGMENTS_SEEN:
         raise RuntimeError("this model's attention did not receive segment_ids, so shared prompts cannot be kept "
                            "apart; set data.prefix_sharing = false")
+
+
+def padded_hidden(model, input_ids, attention_mask, shift_labels, groups, dev):
+    """final_hidden of a right-padded batch [n, S] whose rows `groups` (lists of row indices, such as
+    a DPO pair) start alike, each group's common prefix run once: (hidden [n, S, H], head), the
+    rows' hidden states where the padded batch has them (zeros on padding)."""
+    from .models import final_hidden
+
+    lengths = attention_mask.sum(1).tolist()
+    seqs = [row[:n].tolist() for row, n in zip(input_ids, lengths)]
+    limits = [shareable(y[:n].tolist()) for y, n in zip(shift_labels, lengths)]
+    layout = shared_layout(seqs, given_groups(seqs, limits, groups))
+    hidden, head = final_hidden(model, **layout.model_kwargs(dev))
+    if layout.segment_ids.any():
+        check_received()
+    out = layout.gather(hidden)
+    if out.shape[1] < input_ids.shape[1]:
+        out = torch.nn.functional.pad(out, (0, 0, 0, input_ids.shape[1] - out.shape[1]))
+    return out, head

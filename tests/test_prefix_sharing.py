@@ -109,3 +109,28 @@ def test_grpo_shared_prompts_equal_padded_rows(tmp_path):
     assert b.item() == pytest.approx(a.item(), rel=1e-5)
     for x, y in zip(ga, gb):
         assert torch.allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "orpo"])
+def test_dpo_pairs_share_their_prompt(tmp_path, loss_type):
+    """Each pair's prompt runs once for both responses: the sequence log-probs, the loss (with the
+    reference, and reference-free) and its gradients equal the padded pairs'."""
+    import test_dpo
+
+    cfg, task, model = test_dpo._task_and_model(tmp_path, f'dpo.loss_type="{loss_type}"')
+    task.setup(model, CPU, tmp_path)
+    assert task.share
+    batch = task.batch(task.pairs, [0, 3, 4, 7])
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for share in (False, True):
+        task.share = share
+        with torch.no_grad():
+            lp = task.sequence_logps(model, batch, CPU)
+        loss = task.loss(model, batch, 4, CPU)[0]
+        out.append((lp, loss, torch.autograd.grad(loss, params)))
+    (lp_a, a, ga), (lp_b, b, gb) = out
+    assert torch.allclose(lp_a, lp_b, rtol=1e-5)
+    assert b.item() == pytest.approx(a.item(), rel=1e-5)
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-6)

@@ -130,10 +130,16 @@ def shared_layout(seqs, groups) -> SharedLayout:
 
 
 def available(model) -> bool:
-    """Can `model` share prefixes: does it attend with fasttune's varlen attention?"""
+    """Can `model` share prefixes: does it attend with fasttune's varlen attention, and without a
+    sliding window (which counts positions in a row, where a shared layout puts other sequences)?"""
     from fasttune.kernels.hf import varlen_attention_applied
 
-    return varlen_attention_applied(model)
+    if not varlen_attention_applied(model):
+        return False
+    cfg = model.config
+    types = getattr(cfg, "layer_types", None) or []
+    windowed = getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True)
+    return not (windowed or "sliding_attention" in types)
 
 
 def check_received():

@@ -158,7 +158,10 @@ def test_opcheck():
     kv = torch.randn(9, 1, 8, requires_grad=True)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
     torch.library.opcheck(torch.ops.fasttune.varlen_attention.default,
-                          (q, kv, kv.detach().clone().requires_grad_(), cu, None, True, 0.3, 0.0, 1 << 30, "torch"))
+                          (q, kv, kv.detach().clone().requires_grad_(), cu, None, None, True, 0.3, 0.0, 1 << 30, "torch"))
+    seg = torch.tensor([0, 0, 1, 2, 0, 0, 0, 1, 1], dtype=torch.int32)  # prefix sharing: segments
+    torch.library.opcheck(torch.ops.fasttune.varlen_attention.default,
+                          (q, kv, kv.detach().clone().requires_grad_(), cu, None, seg, True, 0.3, 0.0, 1 << 30, "torch"))
 
 
 def test_tiny_llama_after_apply():

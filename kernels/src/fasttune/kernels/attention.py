@@ -24,7 +24,8 @@ How it runs (Triton):
   and one program per (sample, query block, q head) forms dQ.
 - Only tiles that cross a sample's end, the causal diagonal or the window's edge build the mask.
   Causality, window, softcap and the GQA ratio are runtime arguments, so one build serves them all;
-  the constexprs are the head dim and the tile. Tiles come from the launch table `TILES` (autotuned
+  the constexprs are the head dim, the tile and SEGMENTED (prefix sharing, `segments`). Tiles come
+  from the launch table `TILES` (autotuned
   on a GPU), and every entry is compiled for sm_80/sm_90 in the tests (kernels/_aot.py).
 The PyTorch path (CPU) runs each sample through scaled_dot_product_attention; in eager code autograd
 differentiates it, and inside torch.compile it runs as the custom ops fasttune::varlen_attention(_backward)
@@ -151,22 +152,24 @@ def _query_range(c0, L, window, causal, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
 
 
 @triton.jit
-def _needs_mask(r0, c0, L, window, causal, segmented, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _needs_mask(r0, c0, L, window, causal, SEGMENTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Only the tiles (query rows [r0, r0 + BLOCK_M), keys [c0, c0 + BLOCK_N)) that cross the end of
     the sample, the causal diagonal or the window's edge pay for the mask; full tiles skip it.
     With segments every tile is masked."""
     edge = (r0 + BLOCK_M > L) | (c0 + BLOCK_N > L)
     diagonal = (causal != 0) & (c0 + BLOCK_N - 1 > r0)
     outside = r0 + BLOCK_M - 1 - c0 >= window
-    return edge | diagonal | outside | (segmented != 0)
+    if SEGMENTED:
+        return True
+    return edge | diagonal | outside
 
 
 @triton.jit
-def _visible(rows, cols, L, window, causal, SEG, start, segmented):
+def _visible(rows, cols, L, window, causal, SEG, start, SEGMENTED: tl.constexpr):
     ok = (rows[:, None] < L) & (cols[None, :] < L) & (rows[:, None] - cols[None, :] < window)
     if causal:
         ok = ok & (rows[:, None] >= cols[None, :])
-    if segmented:  # a key of segment 0 (the shared prefix) is seen by every segment, others by their own
+    if SEGMENTED:  # a key of segment 0 (the shared prefix) is seen by every segment, others by their own
         sq = tl.load(SEG + start + rows, mask=rows < L, other=-1)
         sk = tl.load(SEG + start + cols, mask=cols < L, other=-2)
         ok = ok & ((sk[None, :] == 0) | (sk[None, :] == sq[:, None]))
@@ -188,11 +191,11 @@ def _scores(q, k, sm_scale, softcap, PRECISION: tl.constexpr, UPCAST: tl.constex
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,  # O like Q; LSE [Hq, T] fp32
-    cu_seqlens, cu_blocks, n_seqs, search_steps, SEG, segmented,
+    cu_seqlens, cu_blocks, n_seqs, search_steps, SEG,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh, n_tok,
     sm_scale, softcap, window, group, causal,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     head = tl.program_id(1)
@@ -219,8 +222,8 @@ def _fwd_kernel(
         v = _load_rows(V, start, cols, L, s_vt, offs_d, dmask)
         s, _ = _scores(q, k, sm_scale, softcap, PRECISION, UPCAST)
         s = s * LOG2E
-        if _needs_mask(r0, n0, L, window, causal, segmented, BLOCK_M, BLOCK_N):
-            s = tl.where(_visible(rows, cols, L, window, causal, SEG, start, segmented), s, float("-inf"))
+        if _needs_mask(r0, n0, L, window, causal, SEGMENTED, BLOCK_M, BLOCK_N):
+            s = tl.where(_visible(rows, cols, L, window, causal, SEG, start, SEGMENTED), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
         alpha = tl.exp2(m_i - m_safe)
@@ -252,11 +255,11 @@ def _delta_kernel(O, DO, DELTA, s_ot, s_oh, s_dt, s_dh, n_tok,
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    cu_seqlens, cu_blocks, n_seqs, search_steps, SEG, segmented,
+    cu_seqlens, cu_blocks, n_seqs, search_steps, SEG,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dkt, s_dkh, s_dvt, s_dvh, n_tok,
     sm_scale, softcap, window, group, causal,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -285,8 +288,8 @@ def _bwd_dkdv_kernel(
             delta = tl.load(DELTA + head.to(tl.int64) * n_tok + start + rows, mask=rmask, other=0.0)
             s, t = _scores(q, k, sm_scale, softcap, PRECISION, UPCAST)
             p = tl.exp2(s * LOG2E - lse[:, None])
-            if _needs_mask(m0, c0, L, window, causal, segmented, BLOCK_M, BLOCK_N):
-                p = tl.where(_visible(rows, cols, L, window, causal, SEG, start, segmented), p, 0.0)
+            if _needs_mask(m0, c0, L, window, causal, SEGMENTED, BLOCK_M, BLOCK_N):
+                p = tl.where(_visible(rows, cols, L, window, causal, SEG, start, SEGMENTED), p, 0.0)
             dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)
             dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
             ds = p * (dp - delta[:, None])
@@ -301,11 +304,11 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
-    cu_seqlens, cu_blocks, n_seqs, search_steps, SEG, segmented,
+    cu_seqlens, cu_blocks, n_seqs, search_steps, SEG,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_dot, s_doh, s_dqt, s_dqh, n_tok,
     sm_scale, softcap, window, group, causal,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     head = tl.program_id(1)
@@ -333,8 +336,8 @@ def _bwd_dq_kernel(
         v = _load_rows(V, start, cols, L, s_vt, offs_d, dmask)
         s, t = _scores(q, k, sm_scale, softcap, PRECISION, UPCAST)
         p = tl.exp2(s * LOG2E - lse[:, None])
-        if _needs_mask(r0, n0, L, window, causal, segmented, BLOCK_M, BLOCK_N):
-            p = tl.where(_visible(rows, cols, L, window, causal, SEG, start, segmented), p, 0.0)
+        if _needs_mask(r0, n0, L, window, causal, SEGMENTED, BLOCK_M, BLOCK_N):
+            p = tl.where(_visible(rows, cols, L, window, causal, SEG, start, SEGMENTED), p, 0.0)
         dp = _mm(do, tl.trans(v), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
         if softcap > 0:
@@ -362,8 +365,8 @@ def _schedule(cu_seqlens, block, keep=None):
 
 
 def _segment_args(segments, cu_seqlens):
-    """The kernels' (SEG, segmented): without segments, any int32 pointer (never read) and 0."""
-    return (cu_seqlens, 0) if segments is None else (segments, 1)
+    """The kernels' SEG: without segments any int32 pointer (never read: SEGMENTED is False)."""
+    return (cu_seqlens,) if segments is None else (segments,)
 
 
 def _block_d(head_dim):
@@ -405,12 +408,13 @@ def _time(launch, tile):
         return float("inf")
 
 
-def _meta(q):
+def _meta(q, segments=None):
     D = q.shape[-1]
     return dict(
         HEAD_DIM=D, BLOCK_D=_block_d(D),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
+        SEGMENTED=segments is not None,
     )
 
 
@@ -427,7 +431,7 @@ def _forward(q, k, v, cu_seqlens, keep, segments, scale, softcap, window, causal
         _fwd_kernel[(triton.cdiv(T, bm) + n_seqs, Hq)](
             q, k, v, o, lse, cu_seqlens, cu_blocks, n_seqs, steps, *_segment_args(segments, cu_seqlens),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1), T,
-            *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **_meta(q),
+            *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **_meta(q, segments),
         )
 
     launch(_tile("fwd", q, launch))
@@ -437,7 +441,7 @@ def _forward(q, k, v, cu_seqlens, keep, segments, scale, softcap, window, causal
 def _backward(do, q, k, v, o, lse, cu_seqlens, keep, segments, scale, softcap, window, causal):
     T, Hq, D = q.shape
     Hkv = k.shape[1]
-    meta = _meta(q)
+    meta = _meta(q, segments)
     delta = empty(Hq, T, dtype=torch.float32, device=q.device)
     rows = _delta_rows(meta["BLOCK_D"])
     _delta_kernel[(triton.cdiv(T, rows), Hq)](
@@ -532,12 +536,16 @@ def gpu_variants():
     floats = ("sm_scale", "softcap")
     for dtype, ty in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
         for D in HEAD_DIMS:
-            meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), PRECISION="ieee" if ty == "fp32" else "tf32", UPCAST=False)
+            meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), PRECISION="ieee" if ty == "fp32" else "tf32", UPCAST=False,
+                        SEGMENTED=False)
             for pass_, fn in kernels.items():
                 sig = aot_signature(fn, ty, floats, fp32=("LSE", "DELTA"), i32=("cu_seqlens", "cu_blocks", "SEG"))
                 for i, (bm, bn, warps, stages) in enumerate(_entries(pass_, dtype, D)):
-                    yield (f"attention.{pass_} {ty} D={D} tile={bm}x{bn} w{warps} s{stages}", fn, sig,
-                           dict(meta, BLOCK_M=bm, BLOCK_N=bn), warps, stages, i == 0)
+                    name = f"attention.{pass_} {ty} D={D} tile={bm}x{bn} w{warps} s{stages}"
+                    yield name, fn, sig, dict(meta, BLOCK_M=bm, BLOCK_N=bn), warps, stages, i == 0
+                    if i == 0:  # prefix sharing builds its own variant of each default tile
+                        yield (name + " segmented", fn, sig, dict(meta, BLOCK_M=bm, BLOCK_N=bn, SEGMENTED=True),
+                               warps, stages, False)
             sig = aot_signature(_delta_kernel, ty, (), fp32=("DELTA",))
             yield (f"attention.delta {ty} D={D}", _delta_kernel, sig,
                    dict(HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_T=_delta_rows(_block_d(D))), 4, 3, True)

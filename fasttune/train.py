@@ -34,7 +34,17 @@ class TrainingError(RuntimeError):
 
 def make_optimizer(params, t):
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        # fused: one kernel over every tensor. Without it torch's AdamW on the CPU loops over the tensors in
+        # Python, about ten small ops each: for SmolLM2's 420 LoRA tensors 12 ms a step on a quiet core and
+        # 200 ms when another process keeps the cores busy, against 4-8 ms fused (on CUDA, HF's default).
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=fused or None)
+        if fused:
+            # The fused kernel updates the weights in place without bumping their version counters (torch
+            # 2.13), by which the rollout twin (fasttune/rollout.py) sees that the adapter changed: bump them.
+            opt.register_step_post_hook(lambda o, args, kwargs: torch.autograd.graph.increment_version(
+                [p for g in o.param_groups for p in g["params"]]))
+        return opt
     import bitsandbytes as bnb
 
     cls = bnb.optim.AdamW8bit if t.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit

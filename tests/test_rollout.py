@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from fasttune.config import GRPOConfig, load_config
 from fasttune.grpo import GRPOTask
 from fasttune.models import load_model, load_tokenizer
 from fasttune.rollout import MergedCopy, Rollouts, Sampling, TransformersEngine, copy_bytes
+from fasttune.train import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -82,7 +84,9 @@ def test_the_copy_follows_each_optimizer_step_in_place(tmp_path):
     twin = task.rollouts.twin
     weights = {id(e["merged"]): e["merged"].data_ptr() for e in twin.layers}
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=0.05)
+    # the trainer's optimizer: fused AdamW, whose update does not bump the version counters by itself
+    opt = make_optimizer(params, replace(task.cfg.train, learning_rate=0.05, optimizer="adamw"))
+    assert opt.defaults["fused"]
     for _ in range(2):  # two real steps on the GRPO loss
         torch.manual_seed(1)
         batch = task.rollout(task.prompts[:2])

@@ -18,7 +18,9 @@
   variants the plain formula does not cover (DoRA, LoRA bias, fan-in-fan-out layers).
 - Engines (`grpo.generation`): a small interface, `generate(model, ids, mask, sampling) -> completions`,
   with transformers as its one implementation, run three ways: "dynamic" (`generate` with a growing
-  KV cache), "static" (a preallocated KV cache, so the forward is compiled on CUDA; prompts are
+  KV cache; a prompt that several rows repeat, as a GRPO group does, is run once and its KV cache
+  copied to those rows: on SmolLM2, 4 rows of a 46-token prompt, the prefill goes from 0.28 to
+  0.17 s of a 1.65 s rollout; the saving grows with the group and the prompt), "static" (a preallocated KV cache, so the forward is compiled on CUDA; prompts are
   left-padded to a multiple of 64 tokens so that shapes repeat), "continuous" (transformers'
   continuous batching, `generate_batch`, paged KV cache). A vLLM engine would be a second class with
   the same `generate`, plus a `load_weights(twin)` after each refresh (vLLM's `load_weights` takes
@@ -249,10 +251,10 @@ def _pad_rows(rows, pad_id) -> torch.Tensor:
 class TransformersEngine:
     """transformers' own generation: `how` is "dynamic", "static" or "continuous"."""
 
-    def __init__(self, how="dynamic"):
+    def __init__(self, how="dynamic", share_prompts=True):
         if how not in ENGINES[1:]:
             raise ValueError(f"unknown generation engine {how!r}; one of {', '.join(ENGINES[1:])}")
-        self.how = how
+        self.how, self.share_prompts = how, share_prompts
 
     def generate(self, model, ids, mask, s: Sampling) -> torch.Tensor:
         """Completions [N, C] (on the host, padded with pad_id after the stop token) of the left-padded
@@ -260,6 +262,9 @@ class TransformersEngine:
         if self.how == "continuous":
             return self._continuous(model, ids, mask, s)
         cache = {}
+        if self.how == "dynamic" and self.share_prompts and not s.synced_gpus:
+            shared = shared_prompt_cache(model, ids, mask)
+            cache = {} if shared is None else {"past_key_values": shared}
         if self.how == "static":  # a fixed cache length per bucket, so the compiled graph is reused
             P = ids.shape[1]
             extra = -P % STATIC_BUCKET
@@ -287,6 +292,30 @@ class TransformersEngine:
             raise RuntimeError(f"continuous batching returned {len(done)} of {len(rows)} completions"
                                + next((f": {r.error}" for r in done if r.error), ""))
         return _pad_rows([r.generated_tokens for r in done], s.pad_id)
+
+
+def shared_prompt_cache(model, ids, mask):
+    """The KV cache of each row's prompt but its last token, each distinct prompt run once and its cache
+    copied to the rows that repeat it (`generate` then runs only the last prompt token and the
+    completion); None when no prompt repeats or the prompts are a single token. Positions are those
+    `generate` gives left-padded rows (the mask's running count), so the cache is the one it would make,
+    up to float rounding (a batch of other size)."""
+    from transformers import DynamicCache
+
+    if ids.shape[1] < 2:
+        return None
+    uniq, inverse = torch.unique(torch.cat([ids, mask.to(ids.dtype)], 1), dim=0, return_inverse=True)
+    if len(uniq) == len(ids):
+        return None
+    rows = torch.arange(len(ids), device=ids.device)
+    first = torch.full((len(uniq),), len(ids), device=ids.device).scatter_reduce(0, inverse, rows, "amin")
+    u_ids, u_mask = ids[first, :-1], mask[first, :-1]
+    pos = (u_mask.long().cumsum(-1) - 1).masked_fill(u_mask == 0, 1)
+    cache = DynamicCache(config=_causal_lm(model).config)
+    model(input_ids=u_ids, attention_mask=u_mask, position_ids=pos, past_key_values=cache, use_cache=True,
+          logits_to_keep=1)
+    cache.batch_select_indices(inverse)
+    return cache
 
 
 def auto_engine(dev, rows: int) -> str:

@@ -311,9 +311,12 @@ def shared_prompt_cache(model, ids, mask):
     first = torch.full((len(uniq),), len(ids), device=ids.device).scatter_reduce(0, inverse, rows, "amin")
     u_ids, u_mask = ids[first, :-1], mask[first, :-1]
     pos = (u_mask.long().cumsum(-1) - 1).masked_fill(u_mask == 0, 1)
-    cache = DynamicCache(config=_causal_lm(model).config)
-    model(input_ids=u_ids, attention_mask=u_mask, position_ids=pos, past_key_values=cache, use_cache=True,
-          logits_to_keep=1)
+    import inspect
+
+    lm = _causal_lm(model)
+    cache = DynamicCache(config=lm.config)
+    head = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.forward).parameters else {}
+    model(input_ids=u_ids, attention_mask=u_mask, position_ids=pos, past_key_values=cache, use_cache=True, **head)
     cache.batch_select_indices(inverse)
     return cache
 

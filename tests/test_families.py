@@ -111,3 +111,24 @@ def test_remote_code_needs_the_key(tmp_path, capsys):
     (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     code = main(["sft", str(ROOT / "examples" / "sft.toml"), "--set", f"model.path={json.dumps(str(path))}"])
     assert code == 2 and "cannot load its tokenizer" in capsys.readouterr().err
+
+
+def test_a_shared_prompt_prefill_generates_the_same(folder):
+    """Each distinct prompt prefilled once (fasttune/rollout.py, shared_prompt_cache) gives the completions
+    of prefilling every row, on each family's cache (sliding windows, softcaps, MLA)."""
+    from fasttune.rollout import Sampling, TransformersEngine
+
+    name, path = folder
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    texts = ["What is 2 + 2?", "Name a colour, please, in one word.", "Hi"]
+    rows = [tok(t)["input_ids"] for t in texts]
+    P, pad = max(map(len, rows)), tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    order = [0, 1, 0, 2, 1, 0]  # repeated, interleaved, left-padded to different lengths
+    ids = torch.tensor([[pad] * (P - len(rows[i])) + rows[i] for i in order])
+    mask = torch.tensor([[0] * (P - len(rows[i])) + [1] * len(rows[i]) for i in order])
+    s = Sampling(10, 0.0, 1.0, [tok.eos_token_id], pad)
+    with torch.no_grad():
+        want = TransformersEngine("dynamic", share_prompts=False).generate(model, ids, mask, s)
+        got = TransformersEngine("dynamic").generate(model, ids, mask, s)
+    assert torch.equal(got, want), name

@@ -20,9 +20,10 @@
   with transformers as its one implementation, run three ways: "dynamic" (`generate` with a growing
   KV cache; a prompt that several rows repeat, as a GRPO group does, is run once and its KV cache
   copied to those rows: on SmolLM2, 4 rows of a 46-token prompt, the prefill goes from 0.28 to
-  0.17 s of a 1.65 s rollout; the saving grows with the group and the prompt), "static" (a preallocated KV cache, so the forward is compiled on CUDA; prompts are
-  left-padded to a multiple of 64 tokens so that shapes repeat), "continuous" (transformers'
-  continuous batching, `generate_batch`, paged KV cache). A vLLM engine would be a second class with
+  0.17 s of a 1.65 s rollout; the saving grows with the group and the prompt), "static" (a
+  preallocated KV cache, so the forward is compiled on CUDA; prompts are left-padded to a multiple
+  of 64 tokens so that shapes repeat), "continuous" (transformers' continuous batching,
+  `generate_batch`, paged KV cache). A vLLM engine would be a second class with
   the same `generate`, plus a `load_weights(twin)` after each refresh (vLLM's `load_weights` takes
   the named tensors the twin holds); it is not written, because vLLM cannot be installed where we run.
 """
@@ -300,6 +301,8 @@ def shared_prompt_cache(model, ids, mask):
     completion); None when no prompt repeats or the prompts are a single token. Positions are those
     `generate` gives left-padded rows (the mask's running count), so the cache is the one it would make,
     up to float rounding (a batch of other size)."""
+    import inspect
+
     from transformers import DynamicCache
 
     if ids.shape[1] < 2:
@@ -311,8 +314,6 @@ def shared_prompt_cache(model, ids, mask):
     first = torch.full((len(uniq),), len(ids), device=ids.device).scatter_reduce(0, inverse, rows, "amin")
     u_ids, u_mask = ids[first, :-1], mask[first, :-1]
     pos = (u_mask.long().cumsum(-1) - 1).masked_fill(u_mask == 0, 1)
-    import inspect
-
     lm = _causal_lm(model)
     cache = DynamicCache(config=lm.config)
     head = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.forward).parameters else {}

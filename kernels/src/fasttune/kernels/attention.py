@@ -156,11 +156,11 @@ def _needs_mask(r0, c0, L, window, causal, SEGMENTED: tl.constexpr, BLOCK_M: tl.
     """Only the tiles (query rows [r0, r0 + BLOCK_M), keys [c0, c0 + BLOCK_N)) that cross the end of
     the sample, the causal diagonal or the window's edge pay for the mask; full tiles skip it.
     With segments every tile is masked."""
+    if SEGMENTED:
+        return True
     edge = (r0 + BLOCK_M > L) | (c0 + BLOCK_N > L)
     diagonal = (causal != 0) & (c0 + BLOCK_N - 1 > r0)
     outside = r0 + BLOCK_M - 1 - c0 >= window
-    if SEGMENTED:
-        return True
     return edge | diagonal | outside
 
 
@@ -364,9 +364,9 @@ def _schedule(cu_seqlens, block, keep=None):
     return cu_blocks, n_seqs, max(1, math.ceil(math.log2(n_seqs + 1)) + 1)
 
 
-def _segment_args(segments, cu_seqlens):
+def _segment_pointer(segments, cu_seqlens):
     """The kernels' SEG: without segments any int32 pointer (never read: SEGMENTED is False)."""
-    return (cu_seqlens,) if segments is None else (segments,)
+    return cu_seqlens if segments is None else segments
 
 
 def _block_d(head_dim):
@@ -429,7 +429,7 @@ def _forward(q, k, v, cu_seqlens, keep, segments, scale, softcap, window, causal
         bm, bn, warps, stages = tile
         cu_blocks, n_seqs, steps = _schedule(cu_seqlens, bm, keep)
         _fwd_kernel[(triton.cdiv(T, bm) + n_seqs, Hq)](
-            q, k, v, o, lse, cu_seqlens, cu_blocks, n_seqs, steps, *_segment_args(segments, cu_seqlens),
+            q, k, v, o, lse, cu_seqlens, cu_blocks, n_seqs, steps, _segment_pointer(segments, cu_seqlens),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1), T,
             *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **_meta(q, segments),
         )
@@ -456,7 +456,7 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, keep, segments, scale, softcap, w
         bm, bn, warps, stages = tile
         cu_blocks, n_seqs, steps = _schedule(cu_seqlens, bn, keep)
         _bwd_dkdv_kernel[(triton.cdiv(T, bn) + n_seqs, Hkv)](
-            q, k, v, do, lse, delta, dk, dv, cu_seqlens, cu_blocks, n_seqs, steps, *_segment_args(segments, cu_seqlens),
+            q, k, v, do, lse, delta, dk, dv, cu_seqlens, cu_blocks, n_seqs, steps, _segment_pointer(segments, cu_seqlens),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), T,
             *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta,
@@ -466,7 +466,7 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, keep, segments, scale, softcap, w
         bm, bn, warps, stages = tile
         cu_blocks, n_seqs, steps = _schedule(cu_seqlens, bm, keep)
         _bwd_dq_kernel[(triton.cdiv(T, bm) + n_seqs, Hq)](
-            q, k, v, do, lse, delta, dq, cu_seqlens, cu_blocks, n_seqs, steps, *_segment_args(segments, cu_seqlens),
+            q, k, v, do, lse, delta, dq, cu_seqlens, cu_blocks, n_seqs, steps, _segment_pointer(segments, cu_seqlens),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), T,
             *args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import builtin, quantized_cache
+from . import builtin, lora_layers, quantized_cache
 from .config import ConfigError
 
 
@@ -165,6 +165,7 @@ def load_model(cfg, dev=None, *, trainable=True, lora=True, quiet=False):
                 r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
                 use_rslora=lora.rslora, task_type="CAUSAL_LM",
             ))
+        lora_layers.apply(model)
     why = unsupported(model)
     if why is not None:
         if getattr(cfg.data, "packing", False):

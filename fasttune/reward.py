@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import lora_layers
 from .batches import padded_batch, pair_batch
 from .config import ConfigError
 from .masks import TemplateError, tokenize_conversation
@@ -46,11 +47,13 @@ def load_reward_model(cfg, dev, ck=None, trainable=True):
     attach_score(lm)
     if ck is not None:
         model = PeftModel.from_pretrained(lm, str(ck), is_trainable=trainable)
-        return model
-    lora = cfg.lora
-    return get_peft_model(lm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                         target_modules=lora.target_modules, use_rslora=lora.rslora,
-                                         task_type="SEQ_CLS", modules_to_save=["score"]))
+    else:
+        lora = cfg.lora
+        model = get_peft_model(lm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                              target_modules=lora.target_modules, use_rslora=lora.rslora,
+                                              task_type="SEQ_CLS", modules_to_save=["score"]))
+    lora_layers.apply(model)
+    return model
 
 
 def last_token(input_ids, pad_id):

@@ -586,11 +586,12 @@ def _attention_torch(q, k, v, cu_seqlens, keep, causal, scale, softcap, window, 
             out.append(q.new_zeros(e - s, q.shape[1], q.shape[2]))
             continue
         qi, ki, vi = (x[s:e].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
-        ki, vi = ki.repeat_interleave(group, 0), vi.repeat_interleave(group, 0)
         mask = _sample_mask(e - s, causal, window, q.device, None if segments is None else segments[s:e])
-        if softcap is None:
-            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
+        if softcap is None:  # 4D with GQA: torch's CPU flash kernel (3D inputs take its slower math path)
+            oi = F.scaled_dot_product_attention(qi[None], ki[None], vi[None], attn_mask=mask, scale=scale,
+                                                enable_gqa=group > 1)[0]
         else:
+            ki, vi = ki.repeat_interleave(group, 0), vi.repeat_interleave(group, 0)
             scores = softcap * torch.tanh((qi.float() @ ki.float().transpose(1, 2)) * scale / softcap)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))

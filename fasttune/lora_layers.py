@@ -17,7 +17,8 @@ Only `forward` of each PEFT LoRA layer is replaced: parameters, adapters, saving
 A call runs here when it computes what PEFT would: one active plain LoRA adapter (no DoRA or other
 variant), not merged, adapters enabled, no autocast, the input in the adapter's dtype and the base's
 compute dtype, a frozen base; anything else (several adapters, mixed-batch `adapter_names`, a bf16
-model under autocast on a GPU) runs PEFT's own forward. On a GPU it is used only with gradients on, so
+model under autocast on a GPU) runs PEFT's own forward. With the adapters off (GRPO's reference), a CPU
+4-bit base without gradients is dequantized into the same workspace as below. On a GPU it is used only with gradients on, so
 that decoding keeps bitsandbytes' 4-bit matrix-vector kernels. The result equals PEFT's up to float
 rounding (tests/test_lora_layers.py).
 """
@@ -166,7 +167,22 @@ def _fusable(layer, x) -> str | None:
     return name
 
 
+def _base_alone(layer, x) -> bool:
+    """Adapters off (a reference forward, say) on a CPU 4-bit base without gradients: the base's product
+    through the workspace. (With gradients autograd would keep the workspace, which the next layer
+    overwrites; those calls stay bitsandbytes'.)"""
+    base = layer.base_layer
+    qs = getattr(base.weight, "quant_state", None)
+    return (layer.disable_adapters and not layer.merged and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and qs is not None and not getattr(qs, "packing_format_for_cpu", False)
+            and getattr(base, "compute_dtype", None) in (None, x.dtype) and not torch.is_autocast_enabled("cpu"))
+
+
 def _forward(self, x, *args, **kwargs):
+    if not (args or kwargs) and _base_alone(self, x):
+        bias = self.base_layer.bias
+        return torch.nn.functional.linear(x, _dense_weight(self.base_layer, x.dtype),
+                                          None if bias is None else bias.to(x.dtype))
     name = None if args or kwargs else _fusable(self, x)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)

@@ -153,3 +153,21 @@ def test_the_cpu_workspace_dequantizes_as_bitsandbytes(tmp_path):
     g = torch.Generator().manual_seed(0)
     packed, qs = bf.quantize_4bit(torch.randn(64, 256, generator=g), quant_type="nf4", compress_statistics=True)
     assert qs.nested and not lora_layers._c_dequantize(packed, qs, torch.empty(64, 256))  # nested scales: bnb's op
+
+
+def test_the_base_alone_runs_through_the_workspace(tmp_path, monkeypatch):
+    model = _model(tmp_path, "model.load_in_4bit=true")
+    calls = []
+    dense = lora_layers._dense_weight
+    monkeypatch.setattr(lora_layers, "_dense_weight", lambda *a: calls.append(1) or dense(*a))
+    ids = torch.randint(3, 200, (2, 19), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), model.disable_adapter():  # GRPO's reference
+        ours = model(input_ids=ids).logits
+        n_layers = len(calls)
+        lora_layers.revert(model)
+        theirs = model(input_ids=ids).logits
+    assert n_layers == sum(1 for m in model.modules() if type(m) in lora_layers._lora_layer_types()) > 0
+    assert len(calls) == n_layers  # PEFT's forward did not come here
+    assert torch.equal(ours, theirs)
+    with torch.no_grad():  # and the adapter still matters
+        assert not torch.equal(model(input_ids=ids).logits, theirs)

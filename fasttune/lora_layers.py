@@ -37,7 +37,7 @@ def _dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     if qs is None:
         return w
     if w.device.type == "cpu":
-        out = _dequantize_into_workspace(w.data, qs, dtype)
+        out = _dequantize_into_workspace(w, dtype)
         if out is not None:
             return out
     import bitsandbytes.functional as bf
@@ -65,8 +65,9 @@ def _c_dequantize(packed, qs, out) -> bool:
         from bitsandbytes.functional import get_ptr
     except ImportError:
         return False
-    kind = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(out.dtype)
-    fn = getattr(lib, f"cdequantize_blockwise_cpu_{qs.quant_type}_{kind}", None) if kind else None
+    # fp32 only (the CPU's compute dtype): the one the probe checks, and no rounding question against
+    # bitsandbytes' dequantize-then-cast
+    fn = getattr(lib, f"cdequantize_blockwise_cpu_{qs.quant_type}_fp32", None) if out.dtype == torch.float32 else None
     m, n = qs.shape
     if (fn is None or qs.nested or qs.absmax.dtype != torch.float32 or qs.blocksize >= 2048 or n % 2
             or not packed.is_contiguous() or not qs.absmax.is_contiguous()):
@@ -76,18 +77,26 @@ def _c_dequantize(packed, qs, out) -> bool:
     return True
 
 
-def _dequantize_into_workspace(packed, qs, dtype) -> torch.Tensor | None:
+def dequantize_into(weight, out: torch.Tensor) -> bool:
+    """A CPU 4-bit weight (bitsandbytes Params4bit) dequantized into `out` ([out, in], contiguous), as
+    bitsandbytes' op would; False (nothing written) where the direct call does not apply."""
     global _workspace_ok
     if _workspace_ok is None:
         _workspace_ok = _probe_workspace()
-    if not _workspace_ok or len(qs.shape) != 2:
-        return None
-    numel = qs.shape[0] * qs.shape[1]
+    qs = getattr(weight, "quant_state", None)
+    if (not _workspace_ok or qs is None or weight.device.type != "cpu" or len(qs.shape) != 2
+            or tuple(out.shape) != tuple(qs.shape) or not out.is_contiguous()):
+        return False
+    return _c_dequantize(weight.data, qs, out)
+
+
+def _dequantize_into_workspace(weight, dtype) -> torch.Tensor | None:
+    numel = weight.quant_state.shape[0] * weight.quant_state.shape[1]
     buf = _workspace.get(dtype)
     if buf is None or buf.numel() < numel:
         buf = _workspace[dtype] = torch.empty(numel, dtype=dtype)
-    out = buf[:numel].view(qs.shape)
-    return out if _c_dequantize(packed, qs, out) else None
+    out = buf[:numel].view(weight.quant_state.shape)
+    return out if dequantize_into(weight, out) else None
 
 
 def _probe_workspace() -> bool:

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import lora_layers
+
 WEIGHTS = ("auto", "merged", "live")
 ENGINES = ("auto", "dynamic", "static", "continuous")
 # "auto" engine by device and batch size, from measurements: the CPU's in `make bench`
@@ -207,8 +209,8 @@ class MergedCopy:
             if e["base"] is None and e["seen"] is not None:
                 raise RuntimeError("a copy merged once for inference cannot follow a changing adapter")
             W, base = e["merged"], e["base"]
-            if base is not None:
-                W.copy_(_dense(base, W.dtype) if _is_4bit(base) else base)
+            if base is not None and not (_is_4bit(base) and lora_layers.dequantize_into(base, W)):
+                W.copy_(_dense(base, W.dtype) if _is_4bit(base) else base)  # a CPU 4-bit base: written in place
             if not lora.disable_adapters:
                 for a in lora.active_adapters:
                     if a in lora.lora_A:

@@ -17,10 +17,10 @@ Only `forward` of each PEFT LoRA layer is replaced: parameters, adapters, saving
 A call runs here when it computes what PEFT would: one active plain LoRA adapter (no DoRA or other
 variant), not merged, adapters enabled, no autocast, the input in the adapter's dtype and the base's
 compute dtype, a frozen base; anything else (several adapters, mixed-batch `adapter_names`, a bf16
-model under autocast on a GPU) runs PEFT's own forward. With the adapters off (GRPO's reference), a CPU
-4-bit base without gradients is dequantized into the same workspace as below. On a GPU it is used only with gradients on, so
-that decoding keeps bitsandbytes' 4-bit matrix-vector kernels. The result equals PEFT's up to float
-rounding (tests/test_lora_layers.py).
+model under autocast on a GPU) runs PEFT's own forward. On a GPU it is used only with gradients on, so
+that decoding keeps bitsandbytes' 4-bit matrix-vector kernels. With the adapters off (GRPO's
+reference), a CPU 4-bit base without gradients is dequantized into the same workspace as below. The
+result equals PEFT's up to float rounding (tests/test_lora_layers.py).
 """
 
 import types
@@ -157,7 +157,8 @@ def _fusable(layer, x) -> str | None:
     if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return None
     name = layer.active_adapters[0]
-    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name):
+    if (name not in layer.lora_A or name in getattr(layer, "lora_variant", {})
+            or getattr(layer, "use_dora", {}).get(name)):
         return None
     dev = x.device.type
     if torch.is_autocast_enabled(dev) or (dev != "cpu" and not torch.is_grad_enabled()):

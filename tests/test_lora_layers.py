@@ -2,6 +2,8 @@
 forward, on a 4-bit and a dense base, with dropout, bias and rsLoRA; PEFT's forward wherever the fused
 one does not apply; the CPU dequantization workspace equal to bitsandbytes' op, bit for bit."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -11,7 +13,7 @@ from fasttune import lora_layers
 from fasttune.config import SFTConfig, load_config
 from fasttune.models import load_model
 
-from test_rollout import ROOT
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fused_nodes(out) -> int:
@@ -94,7 +96,8 @@ def test_float64_forward_and_backward_equal_peft(bias):
         model.zero_grad(set_to_none=True)
         y = model(x)
         y.backward(dy)
-        return y.detach(), x.grad.clone(), [p.grad.clone() for p in model.parameters() if p.requires_grad], _fused_nodes(y)
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return y.detach(), x.grad.clone(), grads, _fused_nodes(y)
 
     y1, dx1, g1, fused = run()
     lora_layers.revert(model)
